@@ -1,0 +1,95 @@
+"""Runs one recipe: `python -m cxr_jax.main --config configs/NAME.py[:ARG] --workdir DIR`.
+
+The config file's `get_config(arg)` returns a locked ConfigDict; `--config.key=value`
+overrides any field, and an unknown key is an error naming the valid ones.
+`config.trainer` picks what runs. The resolved config is written to
+`DIR/config.json` before anything else, so every run records what it did.
+"""
+
+import importlib.util
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from cxr_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Recipe file whose get_config(arg) returns a ConfigDict; '
+    'append ":ARG" to pass an argument.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for the resolved config, checkpoints, metrics and '
+    'outputs. Re-running with the same workdir resumes.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def write_config(config, workdir: str) -> str:
+  path = os.path.join(workdir, 'config.json')
+  with open(path, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  if 'trainer' not in config:
+    raise app.UsageError(f'{flags.FLAGS["config"].config_filename}: the config has no '
+                         f'"trainer" field; set one of: {", ".join(train.TRAINERS.names())}.')
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info('Resolved config written to %s', write_config(config, workdir))
+  train.TRAINERS.get(config.trainer)(config, workdir)
+
+
+def _load_config(spec: str):
+  """Loads `FILE[:ARG]` the way config_flags does, to diagnose a bad override."""
+  filename, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_cxr_jax_config', filename)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override_message(argv, config) -> str:
+  """Names the first `--config.a.b=v` whose path the config lacks, with the valid keys."""
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node, walked = config, 'config'
+    for key in path:
+      if not hasattr(node, 'keys'):
+        return f'{arg}: {walked} is a value, not a section with key {key!r}.'
+      if key not in node:
+        return (f'{arg}: {walked} has no key {key!r}. '
+                f'Valid keys of {walked}: {", ".join(sorted(node.keys()))}.')
+      node, walked = node[key], f'{walked}.{key}'
+  return ''
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error.
+    if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+      sys.exit(0)
+    raise
+  except (KeyError, AttributeError) as e:  # An override names a key the config lacks.
+    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    if spec is None and '--config' in argv[:-1]:
+      spec = argv[argv.index('--config') + 1]
+    message = unknown_override_message(argv, _load_config(spec)) if spec else ''
+    sys.exit(f'FATAL Flags parsing error: {message or e}')
+
+
+def run():
+  app.run(main, argv=sys.argv, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()

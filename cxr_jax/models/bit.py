@@ -1,0 +1,212 @@
+"""BiT: ResNet-v2 with GroupNorm and Weight Standardization (Kolesnikov et al., 2020).
+
+The parameter tree mirrors the published BiT `.npz` files key for key (minus their
+`resnet/` prefix), e.g. `block1/unit01/a/standardized_conv2d/kernel`, so loading
+published weights is a rename-free unflatten (see `weights.py`).
+
+Input: float images in [-1, 1] (BiT's `x / 127.5 - 1`), shape [B, H, W, 3].
+"""
+
+import functools
+from typing import Any, FrozenSet, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cxr_jax.models.registry import MODELS
+
+# Published architecture constants (BiT paper; github.com/google-research/big_transfer).
+WS_EPS = 1e-10
+GN_GROUPS = 32
+GN_EPS = 1e-5
+UNITS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+class StandardizedConv(nn.Module):
+  """Conv whose kernel is standardized over (H, W, in) with biased variance."""
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: int = 1
+  padding: Any = 'SAME'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    # Standardization removes the kernel's scale, so a plain normal init suffices.
+    kernel = self.param('kernel', nn.initializers.normal(1.0), shape, jnp.float32)
+    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)
+    kernel = (kernel - mean) / jnp.sqrt(var + WS_EPS)
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm with BiT's parameter names (gamma/beta) and two-pass float32 statistics."""
+  num_groups: int = GN_GROUPS
+  epsilon: float = GN_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f'GroupNorm {self.name}: {channels} channels are not divisible '
+                       f'into {self.num_groups} groups.')
+    gamma = self.param('gamma', nn.initializers.ones, (channels,), jnp.float32)
+    beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32)
+    grouped = x.astype(jnp.float32).reshape(
+        *x.shape[:-1], self.num_groups, channels // self.num_groups)
+    reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+    mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=reduce_axes, keepdims=True)
+    normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (normed * gamma + beta).astype(self.dtype)
+
+
+class _NamedConv(nn.Module):
+  """Wraps a StandardizedConv under a scope name, as the published files nest it."""
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: int = 1
+  padding: Any = 'SAME'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return StandardizedConv(self.features, self.kernel_size, self.strides, self.padding,
+                            self.dtype, name='standardized_conv2d')(x)
+
+
+class PreActConv(nn.Module):
+  """GroupNorm -> ReLU -> conv; optionally also the projection shortcut of that input."""
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: int = 1
+  padding: Any = 'SAME'
+  projection_features: int = 0
+  projection_strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(GroupNorm(dtype=self.dtype, name='group_norm')(x))
+    projection = None
+    if self.projection_features:
+      projection = _NamedConv(self.projection_features, (1, 1), self.projection_strides,
+                              dtype=self.dtype, name='proj')(x)
+    y = StandardizedConv(self.features, self.kernel_size, self.strides, self.padding,
+                         self.dtype, name='standardized_conv2d')(x)
+    return y, projection
+
+
+class BottleneckUnit(nn.Module):
+  """Pre-activation bottleneck; the stride sits on the 3x3 conv, padded symmetrically."""
+  mid_features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_features = 4 * self.mid_features
+    needs_projection = x.shape[-1] != out_features or self.strides != 1
+    y, projection = PreActConv(
+        self.mid_features, (1, 1),
+        projection_features=out_features if needs_projection else 0,
+        projection_strides=self.strides, dtype=self.dtype, name='a')(x)
+    y, _ = PreActConv(self.mid_features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
+                      dtype=self.dtype, name='b')(y)
+    y, _ = PreActConv(out_features, (1, 1), dtype=self.dtype, name='c')(y)
+    return y + (projection if needs_projection else x)
+
+
+class Stage(nn.Module):
+  num_units: int
+  mid_features: int
+  strides: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_units):
+      x = BottleneckUnit(self.mid_features, self.strides if i == 0 else 1,
+                         dtype=self.dtype, name=f'unit{i + 1:02d}')(x)
+    return x
+
+
+class BiT(nn.Module):
+  """ResNet-v2 as in BiT. `truncate` removes that many final stages (CheXtransfer)."""
+  units: Sequence[int] = UNITS[50]
+  width: float = 1
+  num_classes: Optional[int] = None
+  truncate: int = 0
+  zero_head: bool = True
+  dtype: Any = jnp.float32
+
+  # Where the classifier lives, and which parameters sit after the body (their
+  # width follows the last kept stage, so truncation re-initialises them).
+  weights_format = 'bit_npz'
+  head_scope = 'head'
+  after_body_scopes = ('group_norm',)
+
+  def removed_scopes(self) -> FrozenSet[str]:
+    """Top-level parameter scopes of the full network that truncation removed."""
+    return frozenset(f'block{i + 1}' for i in range(len(self.units) - self.truncate,
+                                                     len(self.units)))
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    del train  # BiT has no batch statistics and no dropout.
+    if not 0 <= self.truncate < len(self.units):
+      raise ValueError(f'truncate={self.truncate}: BiT has {len(self.units)} stages; '
+                       f'remove between 0 and {len(self.units) - 1}.')
+    features = {}
+    x = _NamedConv(int(64 * self.width), (7, 7), 2, padding=((3, 3), (3, 3)),
+                   dtype=self.dtype, name='root_block')(images)
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+    features['root'] = x
+    for i, num_units in enumerate(self.units[:len(self.units) - self.truncate]):
+      x = Stage(num_units, int(64 * self.width) * 2**i, 1 if i == 0 else 2,
+                dtype=self.dtype, name=f'block{i + 1}')(x)
+      features[f'block{i + 1}'] = x
+    x = nn.relu(GroupNorm(dtype=self.dtype, name='group_norm')(x))
+    embedding = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    logits = None
+    if self.num_classes:
+      logits = _Head(self.num_classes, self.zero_head, name='head')(embedding)
+    return logits, {'embedding': embedding, 'features': features}
+
+
+class _Head(nn.Module):
+  """Linear classifier stored as BiT's 1x1 `head/conv2d` (kernel [1, 1, D, K])."""
+  num_classes: int
+  zero_init: bool = True
+
+  @nn.compact
+  def __call__(self, embedding):
+    kernel_init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+    conv = nn.Conv(self.num_classes, (1, 1), kernel_init=kernel_init, name='conv2d')
+    return conv(embedding[:, None, None, :])[:, 0, 0, :].astype(jnp.float32)
+
+
+def _register():
+  for depth, units in UNITS.items():
+    for width in (1, 2, 3, 4):
+      MODELS.add(f'bit-r{depth}x{width}',
+                 functools.partial(BiT, units=units, width=width))
+      if depth != 26:  # BiT-S was trained on ImageNet-1k, BiT-M on ImageNet-21k.
+        MODELS.add(f'bit-s-r{depth}x{width}',
+                   functools.partial(BiT, units=units, width=width, num_classes=1000))
+        MODELS.add(f'bit-m-r{depth}x{width}',
+                   functools.partial(BiT, units=units, width=width, num_classes=21843))
+  # Small enough for tests and CPU quickstarts; 32 channels at the root keep GroupNorm(32).
+  MODELS.add('bit-tiny', functools.partial(BiT, units=(1, 1, 1, 1), width=0.5))
+  MODELS.add('bit-small', functools.partial(BiT, units=(2, 2, 2, 2), width=0.5))
+
+
+_register()

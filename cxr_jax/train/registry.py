@@ -1,0 +1,3 @@
+from cxr_jax.registry import Registry
+
+TRAINERS = Registry('trainer')

@@ -1,0 +1,18 @@
+"""Test-session setup shared by every test module."""
+
+import os
+
+import jax
+import pytest
+
+# Many tests build the same small models in fresh closures; a persistent
+# compilation cache turns those repeated XLA compiles into cache hits.
+_CACHE_DIR = os.environ.get('CXR_JAX_TEST_COMPILATION_CACHE',
+                            os.path.join(os.path.dirname(__file__), '..', '.jax_test_cache'))
+jax.config.update('jax_compilation_cache_dir', os.path.abspath(_CACHE_DIR))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_tensorflow(monkeypatch):
+  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '3')

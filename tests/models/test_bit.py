@@ -1,0 +1,251 @@
+"""BiT: parity with an independent NumPy forward pass, published key layout, loader errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxr_jax import models
+from cxr_jax.models import bit
+
+# ---------------------------------------------------------------------------
+# Published-layout weight files, built from the naming scheme of the released
+# BiT .npz files (github.com/google-research/big_transfer), not from the module.
+
+
+def published_shapes(units, width, num_classes):
+  """Key -> shape of a released BiT file for a ResNet-v2 with these units/width."""
+  root = int(64 * width)
+  shapes = {'resnet/root_block/standardized_conv2d/kernel': (7, 7, 3, root)}
+  cin = root
+  for b, n in enumerate(units):
+    mid = root * 2**b
+    for u in range(n):
+      p = f'resnet/block{b + 1}/unit{u + 1:02d}/'
+      shapes[p + 'a/group_norm/gamma'] = shapes[p + 'a/group_norm/beta'] = (cin,)
+      shapes[p + 'a/standardized_conv2d/kernel'] = (1, 1, cin, mid)
+      shapes[p + 'b/group_norm/gamma'] = shapes[p + 'b/group_norm/beta'] = (mid,)
+      shapes[p + 'b/standardized_conv2d/kernel'] = (3, 3, mid, mid)
+      shapes[p + 'c/group_norm/gamma'] = shapes[p + 'c/group_norm/beta'] = (mid,)
+      shapes[p + 'c/standardized_conv2d/kernel'] = (1, 1, mid, 4 * mid)
+      if u == 0:
+        shapes[p + 'a/proj/standardized_conv2d/kernel'] = (1, 1, cin, 4 * mid)
+      cin = 4 * mid
+  shapes['resnet/group_norm/gamma'] = shapes['resnet/group_norm/beta'] = (cin,)
+  if num_classes:
+    shapes['resnet/head/conv2d/kernel'] = (1, 1, cin, num_classes)
+    shapes['resnet/head/conv2d/bias'] = (num_classes,)
+  return shapes
+
+
+def random_weights(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, shape in shapes.items():
+    if key.endswith('gamma'):
+      out[key] = 1 + 0.2 * rng.standard_normal(shape)
+    elif key.endswith(('beta', 'bias')):
+      out[key] = 0.2 * rng.standard_normal(shape)
+    else:
+      out[key] = rng.standard_normal(shape) * (0.05 if 'head' in key else 1.0)
+  return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------
+# Independent reference: float64 NumPy, straight from the paper's description.
+
+
+def np_conv(x, w, stride=1, pad=0):
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  kh, kw = w.shape[:2]
+  ho = (x.shape[1] - kh) // stride + 1
+  wo = (x.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+  for i in range(kh):
+    for j in range(kw):
+      out += x[:, i:i + stride * ho:stride, j:j + stride * wo:stride, :] @ w[i, j]
+  return out
+
+
+def np_std_conv(x, w, stride=1, pad=0):
+  w = w.astype(np.float64)
+  w = (w - w.mean(axis=(0, 1, 2))) / np.sqrt(w.var(axis=(0, 1, 2)) + 1e-10)
+  return np_conv(x, w, stride, pad)
+
+
+def np_gn_relu(x, gamma, beta, groups=32, eps=1e-5):
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  x = ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * gamma + beta
+  return np.maximum(x, 0)
+
+
+def np_bit_forward(weights, units, images):
+  w = lambda k: weights['resnet/' + k].astype(np.float64)
+  x = np_std_conv(images.astype(np.float64), w('root_block/standardized_conv2d/kernel'), 2, 3)
+  x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # zeros, not -inf
+  ho, wo = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  x = np.max([x[:, i:i + 2 * ho:2, j:j + 2 * wo:2] for i in range(3) for j in range(3)], axis=0)
+  for b, n in enumerate(units):
+    for u in range(n):
+      p = f'block{b + 1}/unit{u + 1:02d}/'
+      stride = 2 if (b > 0 and u == 0) else 1
+      a = np_gn_relu(x, w(p + 'a/group_norm/gamma'), w(p + 'a/group_norm/beta'))
+      shortcut = x
+      if u == 0:
+        shortcut = np_std_conv(a, w(p + 'a/proj/standardized_conv2d/kernel'), stride)
+      y = np_std_conv(a, w(p + 'a/standardized_conv2d/kernel'))
+      y = np_gn_relu(y, w(p + 'b/group_norm/gamma'), w(p + 'b/group_norm/beta'))
+      y = np_std_conv(y, w(p + 'b/standardized_conv2d/kernel'), stride, 1)
+      y = np_gn_relu(y, w(p + 'c/group_norm/gamma'), w(p + 'c/group_norm/beta'))
+      x = np_std_conv(y, w(p + 'c/standardized_conv2d/kernel')) + shortcut
+  x = np_gn_relu(x, w('group_norm/gamma'), w('group_norm/beta'))
+  embedding = x.mean(axis=(1, 2))
+  logits = embedding @ w('head/conv2d/kernel')[0, 0] + w('head/conv2d/bias')
+  return logits, embedding
+
+
+SMALL_UNITS = (2, 2, 2, 2)  # 'bit-small': two units per stage covers identity shortcuts too.
+
+
+@pytest.fixture(scope='module')
+def small_npz(tmp_path_factory):
+  weights = random_weights(published_shapes(SMALL_UNITS, 0.5, num_classes=5))
+  path = tmp_path_factory.mktemp('bit') / 'bit_small.npz'
+  np.savez(path, **weights)
+  return path, weights
+
+
+@pytest.fixture(scope='module')
+def tiny_npz(tmp_path_factory):
+  """'bit-tiny' (one unit per stage): cheap to compile, for the loader's rules."""
+  weights = random_weights(published_shapes((1, 1, 1, 1), 0.5, num_classes=5), seed=3)
+  path = tmp_path_factory.mktemp('bit') / 'bit_tiny.npz'
+  np.savez(path, **weights)
+  return path, weights
+
+
+@pytest.mark.parametrize('size', [64, 50])  # 50 is odd after the root stride: padding matters.
+def test_forward_matches_numpy_reference(small_npz, size):
+  path, weights = small_npz
+  model = models.get_model('bit-small', num_classes=5)
+  variables = models.load_pretrained(model, path)
+  images = np.random.default_rng(1).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  logits, aux = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  ref_logits, ref_embedding = np_bit_forward(weights, SMALL_UNITS, images)
+  assert np.abs(np.asarray(logits) - ref_logits).max() <= 1e-4
+  assert np.abs(np.asarray(aux['embedding']) - ref_embedding).max() <= 1e-4
+  assert aux['embedding'].shape == (2, 1024)
+  assert set(aux['features']) == {'root', 'block1', 'block2', 'block3', 'block4'}
+
+
+@pytest.mark.parametrize('name,units,width,classes', [
+    ('bit-m-r50x1', bit.UNITS[50], 1, 21843),
+    ('bit-s-r101x3', bit.UNITS[101], 3, 1000),
+    ('bit-m-r152x4', bit.UNITS[152], 4, 21843),
+])
+def test_parameter_tree_matches_published_layout(name, units, width, classes):
+  model = models.get_model(name)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))['params']
+  flat = {'resnet/' + '/'.join(k): v.shape
+          for k, v in __import__('flax').traverse_util.flatten_dict(shapes).items()}
+  assert flat == published_shapes(units, width, classes)
+
+
+def test_default_head_is_zero_initialised():
+  model = models.get_model('bit-tiny', num_classes=3)
+  variables = models.weights.init_variables(model)
+  assert not np.any(variables['params']['head']['conv2d']['kernel'])
+
+
+def test_head_policies(tiny_npz):
+  path, weights = tiny_npz
+  head = 'resnet/head/conv2d/kernel'
+  kept = models.load_pretrained(models.get_model('bit-tiny', num_classes=5), path)
+  np.testing.assert_array_equal(kept['params']['head']['conv2d']['kernel'], weights[head])
+  replaced = models.load_pretrained(models.get_model('bit-tiny', num_classes=5), path,
+                                    head='replace')
+  assert not np.any(replaced['params']['head']['conv2d']['kernel'])
+  other = models.load_pretrained(models.get_model('bit-tiny', num_classes=7), path)
+  assert other['params']['head']['conv2d']['kernel'].shape == (1, 1, 1024, 7)
+  with pytest.raises(ValueError, match='head/conv2d/kernel'):
+    models.load_pretrained(models.get_model('bit-tiny', num_classes=7), path, head='keep')
+  dropped = models.load_pretrained(models.get_model('bit-tiny', num_classes=None), path)
+  assert 'head' not in dropped['params']
+  logits, aux = jax.jit(models.get_model('bit-tiny', num_classes=None).apply)(
+      dropped, jnp.zeros((1, 32, 32, 3)))
+  assert logits is None and aux['embedding'].shape == (1, 1024)
+
+
+def test_all_key_problems_reported_in_one_error(tiny_npz, tmp_path):
+  _, weights = tiny_npz
+  broken = dict(weights)
+  del broken['resnet/block2/unit01/b/group_norm/gamma']
+  del broken['resnet/block3/unit01/c/standardized_conv2d/kernel']
+  broken['resnet/block1/unit01/a/extra/kernel'] = np.zeros(3, np.float32)
+  broken['resnet/root_block/standardized_conv2d/kernel'] = np.zeros((7, 7, 3, 64), np.float32)
+  path = tmp_path / 'broken.npz'
+  np.savez(path, **broken)
+  with pytest.raises(ValueError) as err:
+    models.load_pretrained(models.get_model('bit-tiny', num_classes=5), path)
+  message = str(err.value)
+  for expected in [str(path), 'missing (2)', 'block2/unit01/b/group_norm/gamma',
+                   'block3/unit01/c/standardized_conv2d/kernel', 'unexpected (1)',
+                   'block1/unit01/a/extra/kernel', 'mis-shaped (1)',
+                   'root_block/standardized_conv2d/kernel: file (7, 7, 3, 64) vs model '
+                   '(7, 7, 3, 32)']:
+    assert expected in message
+
+
+def test_rejects_pickles_and_foreign_files(tmp_path):
+  model = models.get_model('bit-tiny')
+  pickled = tmp_path / 'pickled.npz'
+  np.savez(pickled, **{'resnet/x': np.array([{'a': 1}], dtype=object)})
+  with pytest.raises(ValueError, match='pickled.npz'):
+    models.load_pretrained(model, pickled)
+  foreign = tmp_path / 'foreign.npz'
+  np.savez(foreign, **{'conv1/weight': np.zeros(3)})
+  with pytest.raises(ValueError, match=r'foreign.npz.*resnet/'):
+    models.load_pretrained(model, foreign)
+  with pytest.raises(FileNotFoundError, match='nowhere.npz'):
+    models.load_pretrained(model, tmp_path / 'nowhere.npz')
+
+
+def test_truncation_loads_kept_stages(tiny_npz):
+  path, weights = tiny_npz
+  model = models.get_model('bit-tiny', num_classes=None, truncate=1)
+  variables = models.load_pretrained(model, path)
+  params = variables['params']
+  assert 'block4' not in params
+  np.testing.assert_array_equal(params['block3']['unit01']['c']['standardized_conv2d']['kernel'],
+                                weights['resnet/block3/unit01/c/standardized_conv2d/kernel'])
+  assert params['group_norm']['gamma'].shape == (512,)  # fresh: width follows block3
+  _, aux = jax.jit(model.apply)(variables, jnp.zeros((1, 64, 64, 3)))
+  assert aux['embedding'].shape == (1, 512) and 'block4' not in aux['features']
+  full = models.get_model('bit-tiny', num_classes=None)
+  count = lambda m: sum(x.size for x in jax.tree.leaves(models.load_pretrained(m, path)))
+  assert count(model) < count(full)
+  with pytest.raises(ValueError, match='truncate=4'):
+    jax.eval_shape(lambda: models.weights.init_variables(models.get_model('bit-tiny', truncate=4)))
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_npz):
+  path, _ = tiny_npz
+  model32 = models.get_model('bit-tiny', num_classes=5)
+  model16 = models.get_model('bit-tiny', num_classes=5, dtype=jnp.bfloat16)
+  variables = models.load_pretrained(model16, path)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  images = np.random.default_rng(2).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+  logits16, aux16 = jax.jit(model16.apply)(variables, images)
+  logits32, _ = jax.jit(model32.apply)(variables, images)
+  assert logits16.dtype == jnp.float32 and aux16['features']['block1'].dtype == jnp.bfloat16
+  assert np.all(np.isfinite(logits16))
+  np.testing.assert_allclose(logits16, logits32, atol=0.1 * np.abs(logits32).max())
+
+
+def test_registry_lists_names_on_unknown():
+  with pytest.raises(KeyError, match='bit-m-r50x1'):
+    models.get_model('bit-m-r51x1')
