@@ -1,0 +1,1 @@
+"""Data: sources, synthetic datasets, TFDS builders, decoding, label policies, pipelines."""

@@ -1,0 +1,271 @@
+"""Reads one chest X-ray file (PNG, JPEG or DICOM) as a 2-D grayscale array.
+
+`read_image(path)` returns uint8 or uint16 [H, W]. PNG keeps its bit depth; JPEG is
+8-bit; DICOM always comes back as uint16 using the full 0..65535 range, rendered the
+way a viewer would show it:
+
+1. Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence): stored values
+   to physical values.
+2. VOI: the first Window Center/Width pair through the VOI LUT Function (LINEAR by
+   default, per DICOM PS3.3 C.11.2.1.2), or else the first VOI LUT Sequence item.
+   Without either, the image's own value range maps linearly onto 0..65535, which
+   keeps every distinct value distinct (detectors rarely fill their nominal bit
+   depth, so mapping the nominal range would store most films nearly black).
+3. MONOCHROME1 (low values white) is inverted, so bone is bright in every output.
+
+Compressed DICOM decodes through pydicom's plugins: RLE natively, JPEG baseline and
+JPEG 2000 through Pillow, JPEG lossless / JPEG-LS / JPEG 2000 / HTJ2K through
+pylibjpeg with pylibjpeg-libjpeg or pylibjpeg-openjpeg. Every failure raises
+`ImageError` (a ValueError) whose message starts with the file's path and says
+what is wrong, so a dataset build can report or skip exactly that file.
+
+This module does not import TensorFlow or TFDS: embedding tools use it directly.
+"""
+
+import io
+import os
+from typing import Union
+
+import cv2
+import numpy as np
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+JPEG_SIGNATURE = b'\xff\xd8\xff'
+DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b'DICM'
+# DICOM files without the 128-byte preamble are still common in hospital exports; the
+# extension is then the only hint.
+DICOM_EXTENSIONS = ('.dcm', '.dicom', '.dic')
+UINT16_MAX = 65535
+PIXEL_DATA_TAG_BYTES = b'\xe0\x7f\x10\x00'  # (7FE0,0010), little endian.
+
+
+class ImageError(ValueError):
+  """An image that cannot be read; the message names the file and the reason."""
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+  """The file's pixels as 2-D grayscale uint8 (8-bit PNG/JPEG) or uint16 (16-bit PNG, DICOM)."""
+  path = os.fspath(path)
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise ImageError(f'{path}: file not found') from None
+  except OSError as e:
+    raise ImageError(f'{path}: cannot read file ({e.strerror or e})') from None
+  if not data:
+    raise ImageError(f'{path}: file is empty')
+  if data.startswith(PNG_SIGNATURE):
+    image = _decode_png(data, path)
+  elif data.startswith(JPEG_SIGNATURE):
+    image = _decode_jpeg(data, path)
+  elif data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC:
+    image = _decode_dicom(data, path, force=False)
+  elif path.lower().endswith(DICOM_EXTENSIONS):
+    image = _decode_dicom(data, path, force=True)
+  else:
+    raise ImageError(f'{path}: unknown image format (first bytes {data[:8]!r}); expected PNG, '
+                     'JPEG or DICOM')
+  if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16) or 0 in image.shape:
+    raise ImageError(f'{path}: decoded to an unusable array {image.dtype}{list(image.shape)}')
+  return image
+
+
+# --- PNG and JPEG --------------------------------------------------------------------
+
+
+def _to_gray(image: np.ndarray, channel_order: str) -> np.ndarray:
+  if image.ndim == 2:
+    return image
+  if image.shape[2] == 1:
+    return image[..., 0]
+  if image.shape[2] == 2:  # Gray + alpha: the alpha channel carries no anatomy.
+    return np.ascontiguousarray(image[..., 0])
+  code = {('BGR', 3): cv2.COLOR_BGR2GRAY, ('BGR', 4): cv2.COLOR_BGRA2GRAY,
+          ('RGB', 3): cv2.COLOR_RGB2GRAY, ('RGB', 4): cv2.COLOR_RGBA2GRAY}[
+              channel_order, image.shape[2]]
+  return cv2.cvtColor(image, code)
+
+
+def _decode_png(data: bytes, path: str) -> np.ndarray:
+  # libpng checks every chunk's CRC and the stream's length, so cv2 returns None for
+  # truncated or corrupted files rather than a partial image.
+  image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+  if image is None:
+    raise ImageError(f'{path}: truncated or corrupt PNG (the decoder rejected it)')
+  return _to_gray(image, 'BGR')
+
+
+def _decode_jpeg(data: bytes, path: str) -> np.ndarray:
+  # Pillow rather than cv2: libjpeg only warns about a truncated stream and cv2 then
+  # returns the half-grey image, while Pillow raises.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(data)) as pil:
+      pil.load()
+      if pil.mode not in ('L', 'RGB'):
+        pil = pil.convert('RGB')  # CMYK JPEGs.
+      image = np.asarray(pil)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ImageError(f'{path}: truncated or corrupt JPEG ({e})') from None
+  return _to_gray(image, 'RGB')
+
+
+# --- DICOM ---------------------------------------------------------------------------
+
+
+def _decode_dicom(data: bytes, path: str, force: bool) -> np.ndarray:
+  import pydicom  # pylint: disable=g-import-not-at-top
+  try:
+    ds = pydicom.dcmread(io.BytesIO(data), force=force)
+  except Exception as e:  # pydicom raises many types for broken headers.
+    raise ImageError(f'{path}: not a readable DICOM file ({type(e).__name__}: {e})') from None
+  if 'PixelData' not in ds:
+    if PIXEL_DATA_TAG_BYTES in data:
+      # pydicom drops an encapsulated Pixel Data element whose end is missing.
+      raise ImageError(f'{path}: truncated or corrupt pixel data: the file ends inside '
+                       'the Pixel Data element')
+    other = [k for k in ('FloatPixelData', 'DoubleFloatPixelData') if k in ds]
+    raise ImageError(f'{path}: DICOM file has no integer Pixel Data'
+                     + (f' (it has {other[0]}, which is not supported)' if other else ''))
+  frames = int(ds.get('NumberOfFrames', 1) or 1)
+  if frames > 1:
+    raise ImageError(f'{path}: multi-frame DICOM ({frames} frames) is not supported; '
+                     'export the frame to use as its own file')
+  photometric = str(ds.get('PhotometricInterpretation', '')).strip().upper()
+  samples = int(ds.get('SamplesPerPixel', 1) or 1)
+  if samples != 1 or photometric in ('RGB', 'PALETTE COLOR') or photometric.startswith('YBR'):
+    raise ImageError(f'{path}: colour DICOM (Photometric Interpretation {photometric}, '
+                     f'{samples} samples per pixel); only MONOCHROME1/MONOCHROME2 X-rays are '
+                     'supported')
+  if photometric not in ('MONOCHROME1', 'MONOCHROME2'):
+    raise ImageError(f'{path}: Photometric Interpretation {photometric or "(missing)"} is not '
+                     'supported; expected MONOCHROME1 or MONOCHROME2')
+  _require_decoder(ds, path)
+  try:
+    stored = ds.pixel_array
+  except Exception as e:  # Decoder plugins raise their own types for corrupt streams.
+    raise ImageError(f'{path}: truncated or corrupt pixel data '
+                     f'({_transfer_syntax(ds).name}): {type(e).__name__}: {e}') from None
+  if stored.ndim != 2:
+    raise ImageError(f'{path}: expected a single 2-D frame, pixel data has shape {stored.shape}')
+  return render_dicom(stored, ds, path)
+
+
+def _transfer_syntax(ds):
+  from pydicom import uid as uids  # pylint: disable=g-import-not-at-top
+  from pydicom.dataset import FileMetaDataset  # pylint: disable=g-import-not-at-top
+  if getattr(ds, 'file_meta', None) is None:
+    ds.file_meta = FileMetaDataset()
+  syntax = ds.file_meta.get('TransferSyntaxUID')
+  if syntax is None:
+    # A file without a meta header (read with force=True): pydicom knows how it parsed
+    # it, and its pixel decoder needs the syntax spelled out.
+    implicit, little = ds.original_encoding
+    syntax = (uids.ImplicitVRLittleEndian if implicit else
+              uids.ExplicitVRLittleEndian if little else uids.ExplicitVRBigEndian)
+    ds.file_meta.TransferSyntaxUID = syntax
+  return uids.UID(str(syntax))
+
+
+def _require_decoder(ds, path: str):
+  """Raises with the syntax's name and the package to install when pixels cannot decode."""
+  from pydicom.pixels import get_decoder  # pylint: disable=g-import-not-at-top
+  syntax = _transfer_syntax(ds)
+  if not syntax.is_transfer_syntax:
+    raise ImageError(f'{path}: unknown transfer syntax {syntax}; not a DICOM transfer '
+                     'syntax pydicom knows')
+  if not syntax.is_encapsulated:
+    return  # Native and deflated syntaxes decode inside pydicom.
+  try:
+    decoder = get_decoder(syntax)
+  except NotImplementedError:
+    raise ImageError(
+        f'{path}: unsupported transfer syntax {syntax.name} ({syntax}): pydicom has no '
+        'decoder for it; convert the file to an uncompressed syntax first (e.g. dcmtk '
+        '`dcmdjpeg`/`dcmconv` or `gdcmconv --raw`)') from None
+  if not decoder.is_available:
+    missing = '; '.join(decoder.missing_dependencies) or 'no plugin is installed'
+    raise ImageError(
+        f'{path}: unsupported transfer syntax {syntax.name} ({syntax}): no installed '
+        f'decoder; pip install one of these pydicom plugins: {missing}')
+
+
+def render_dicom(stored: np.ndarray, ds, path: str = '<dataset>') -> np.ndarray:
+  """Stored pixel values -> uint16 display values (modality LUT, VOI, MONOCHROME1 inverted)."""
+  from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top
+  values = np.asarray(apply_modality_lut(stored, ds), np.float64)
+  if _present(ds, 'WindowCenter') and _present(ds, 'WindowWidth'):
+    unit = _window(values, ds, path)
+  elif _present(ds, 'VOILUTSequence'):
+    unit = _voi_lut(values, ds, path)
+  else:
+    unit = _stretch(values)
+  if str(ds.PhotometricInterpretation).strip().upper() == 'MONOCHROME1':
+    unit = 1.0 - unit
+  return np.rint(np.clip(unit, 0.0, 1.0) * UINT16_MAX).astype(np.uint16)
+
+
+def _present(ds, keyword: str) -> bool:
+  # Writers often leave optional VOI attributes in the file with an empty value.
+  value = ds.get(keyword)
+  return value is not None and not (hasattr(value, '__len__') and len(value) == 0)
+
+
+def _first(value) -> float:
+  # Window attributes are often multi-valued (several presets); the first is the default.
+  from pydicom.multival import MultiValue  # pylint: disable=g-import-not-at-top
+  if isinstance(value, (list, tuple, MultiValue)):
+    value = value[0]
+  return float(value)
+
+
+def _window(values: np.ndarray, ds, path: str) -> np.ndarray:
+  """DICOM VOI windowing (PS3.3 C.11.2.1.2/C.11.2.1.3) to [0, 1], the output range ymin..ymax."""
+  try:
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+  except (TypeError, ValueError, IndexError):
+    raise ImageError(f'{path}: unreadable Window Center/Width '
+                     f'({ds.WindowCenter!r}, {ds.WindowWidth!r})') from None
+  function = str(ds.get('VOILUTFunction', 'LINEAR') or 'LINEAR').strip().upper()
+  if function == 'LINEAR':
+    if width < 1:
+      raise ImageError(f'{path}: Window Width {width} is below 1, invalid for a LINEAR window')
+    if width == 1:  # The ramp has no width: a threshold at c - 0.5.
+      return (values > center - 0.5).astype(np.float64)
+    # y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped to the output range: equal to the
+    # standard's three cases (ymin below c - 0.5 - (w-1)/2, ymax above c - 0.5 + (w-1)/2).
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+  if width <= 0:
+    raise ImageError(f'{path}: Window Width {width} must be positive for {function}')
+  if function == 'LINEAR_EXACT':
+    return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+  if function == 'SIGMOID':
+    return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+  raise ImageError(f'{path}: unknown VOI LUT Function {function!r}; expected LINEAR, '
+                   'LINEAR_EXACT or SIGMOID')
+
+
+def _voi_lut(values: np.ndarray, ds, path: str) -> np.ndarray:
+  from pydicom.pixels import apply_voi  # pylint: disable=g-import-not-at-top
+  item = ds.VOILUTSequence[0]
+  try:
+    entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+    # LUT entries are indexed by integer modality values; clipping to the LUT's input
+    # range first is what the standard asks and keeps pydicom's uint16 indices from
+    # wrapping around.
+    entries = entries or 2**16
+    indices = np.clip(np.rint(values), first_mapped, first_mapped + entries - 1)
+    looked_up = np.asarray(apply_voi(indices.astype(np.int64), ds, index=0), np.float64)
+  except Exception as e:  # Malformed LUT descriptors/data surface as assorted errors.
+    raise ImageError(f'{path}: unusable VOI LUT Sequence ({type(e).__name__}: {e})') from None
+  # The descriptor's bit depth is the LUT's output range; some writers understate it.
+  top = max(2.0**bits - 1, float(looked_up.max()), 1.0)
+  return looked_up / top
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+  lo, hi = float(values.min()), float(values.max())
+  if hi <= lo:
+    return np.zeros_like(values)
+  return (values - lo) / (hi - lo)

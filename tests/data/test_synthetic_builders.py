@@ -1,0 +1,75 @@
+"""The generated datasets as TFDS builders: splits by patient, stored bits, determinism."""
+
+import collections
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_jax.data import labels as labels_lib
+from cxr_jax.data import pipeline
+from cxr_jax.data import synthetic
+from cxr_jax.data.builders import synthetic as synthetic_builders
+
+
+@pytest.fixture(scope='module')
+def cxr(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config = synthetic_builders.make_cxr_config('B', image_size=48, num_examples=120,
+                                              label_noise=0.2, seed=5)
+  return synthetic_builders.prepare(config, data_dir), data_dir
+
+
+def read_all(name, split, data_dir):
+  source, info = pipeline.open_source(name, split, data_dir)
+  return [source[i] for i in range(len(source))], info
+
+
+def test_cxr_splits_are_patient_disjoint_and_complete(cxr):
+  name, data_dir = cxr
+  assert name == 'synthetic_cxr/site_b_48px_120_noise20_seed5'
+  patients, keys = {}, []
+  for split in ('train', 'validation', 'test'):
+    records, info = read_all(name, split, data_dir)
+    patients[split] = {r['patient_id'] for r in records}
+    keys += [r['image_id'] for r in records]
+  assert len(keys) == len(set(keys)) == 120
+  assert not patients['train'] & patients['validation']
+  assert not patients['train'] & patients['test']
+  assert not patients['validation'] & patients['test']
+  assert tuple(info.metadata['findings']) == tuple(synthetic.CXR_FINDINGS)
+
+
+def test_cxr_records_match_the_generator(cxr):
+  name, data_dir = cxr
+  records, _ = read_all(name, 'train', data_dir)
+  record = records[0]
+  index = int(record['image_id'].decode().rsplit('-', 1)[1])
+  expected = synthetic.generate_cxr(index, seed=5, site='B', image_size=48, label_noise=0.2)
+  image = cv2.imdecode(np.frombuffer(record['image'], np.uint8), cv2.IMREAD_UNCHANGED)
+  assert image.dtype == np.uint16  # Stored losslessly at 16 bits.
+  np.testing.assert_array_equal(image, expected['image'])
+  np.testing.assert_array_equal(record['labels'], expected['labels'])
+  assert record['report'].decode() == expected['report']
+  assert record['site'].decode() == 'B'
+  codes = np.stack([r['labels'] for r in records])
+  assert set(np.unique(codes)) <= {labels_lib.POSITIVE, labels_lib.NEGATIVE,
+                                   labels_lib.UNCERTAIN, labels_lib.UNMENTIONED}
+
+
+def test_natural_is_balanced_rgb(tmp_path):
+  config = synthetic_builders.make_natural_config(num_classes=5, image_size=24, num_train=100,
+                                                  num_test=20)
+  name = synthetic_builders.prepare(config, str(tmp_path))
+  records, info = read_all(name, 'train', str(tmp_path))
+  assert info.features['label'].num_classes == 5
+  assert collections.Counter(int(r['label']) for r in records) == {c: 20 for c in range(5)}
+  image = cv2.imdecode(np.frombuffer(records[0]['image'], np.uint8), cv2.IMREAD_UNCHANGED)
+  assert image.shape == (24, 24, 3)
+  test_records, _ = read_all(name, 'test', str(tmp_path))
+  assert len(test_records) == 20
+
+
+def test_unknown_site_is_named():
+  with pytest.raises(ValueError, match="Unknown synthetic site 'Q'"):
+    synthetic_builders.make_cxr_config('Q')
