@@ -2,10 +2,11 @@
 
   python benchmarks/model_throughput.py --batch_size 16 --models bit-r50x1,efficientnet-b0
 
-Utilisation is the model step's achieved FLOP/s (XLA's own FLOP count of the
-compiled step divided by its measured time) over the FLOP/s of a large float32
-matmul measured in the same process on the same device, so the ratio holds on a
-shared, noisy machine. Results go to stdout as a Markdown table and, with
+Utilisation is the model's achieved FLOP/s over the FLOP/s of a large matmul
+measured in the same process on the same device, so the ratio holds on a shared,
+noisy machine. Model FLOPs are XLA's count of the compiled forward pass, and three
+times that for forward+backward (the usual convention: XLA's own count of the
+gradient step miscounts grouped convolutions, e.g. EfficientNet's depthwise ones). Results go to stdout as a Markdown table and, with
 --json, to a file.
 """
 
@@ -66,11 +67,12 @@ def bench_model(name: str, batch_size: int, image_size: int, dtype, repeats: int
     return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), new_state
 
   grad_step = jax.jit(jax.grad(loss_fn, has_aux=True))
+  forward_flops = flops_of(forward, variables, images)
   rows = []
-  for mode, fn, args in [('forward', forward, (variables, images)),
-                         ('forward+backward', grad_step, (variables['params'], images, labels))]:
+  for mode, fn, args, flops in [
+      ('forward', forward, (variables, images), forward_flops),
+      ('forward+backward', grad_step, (variables['params'], images, labels), 3 * forward_flops)]:
     seconds = timed(fn, *args, repeats=repeats)
-    flops = flops_of(fn, *args)
     rows.append({'model': name, 'mode': mode, 'batch': batch_size, 'image': image_size,
                  'dtype': jnp.dtype(dtype).name, 'images_per_s': batch_size / seconds,
                  'gflops_per_image': flops / batch_size / 1e9, 'tflops_per_s': flops / seconds / 1e12})

@@ -12,6 +12,7 @@ integer `label`.
 """
 
 import dataclasses
+import os
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from absl import flags
@@ -31,7 +32,7 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cxr_jax.data import builders  # noqa: F401  Registers the project's builders.
   try:
-    builder = tfds.builder(name, data_dir=data_dir or None)
+    builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)
   except Exception as e:  # tfds raises several types for unknown names.
     raise ValueError(f'Unknown dataset {name!r}: {e}') from None
   if not builder.is_prepared():

@@ -206,9 +206,12 @@ def test_b0_matches_keras(b0, fmt, size):
   check_parity('B0', model, b0, fmt, size)
 
 
+@pytest.mark.parametrize('depthwise_impl', ['conv', 'shifted'])
 @pytest.mark.parametrize('fmt, size', [('keras3', 64), ('legacy', 65)])
-def test_tiny_matches_keras(tiny, fmt, size):
-  check_parity('tiny', tiny_model(), tiny, fmt, size)
+def test_tiny_matches_keras(tiny, fmt, size, depthwise_impl):
+  # Both depthwise implementations (convolution; CPU's shifted sum) against Keras.
+  check_parity(f'tiny ({depthwise_impl})', tiny_model().clone(depthwise_impl=depthwise_impl),
+               tiny, fmt, size)
 
 
 def test_imagenet_rescale_matches_keras(tiny):
