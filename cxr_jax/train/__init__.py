@@ -4,5 +4,6 @@ from cxr_jax.train.registry import TRAINERS
 
 # Importing a trainer module registers it.
 from cxr_jax.train import model_summary as _model_summary  # noqa: F401
+from cxr_jax.train import trainer as _trainer  # noqa: F401
 
 __all__ = ['TRAINERS']

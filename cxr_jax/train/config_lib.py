@@ -1,0 +1,59 @@
+"""The fields every training recipe has; `configs/*.py` start from `base_config()`."""
+
+import ml_collections
+
+from cxr_jax.train import optimizers
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = 'supervised'  # supervised | supcon | simclr (see cxr_jax/train/trainer.py).
+  c.seed = 0  # Initialisation, shuffling, augmentation and dropout all derive from it.
+  c.total_steps = 1000
+  c.batch_size = 64  # Global batch, split over processes and devices.
+  c.log_every = 10  # Steps between metrics lines (and non-finite-loss checks).
+  c.init_image_size = 64  # Image size used only to trace parameter shapes at init.
+
+  c.model_name = 'bit-tiny'  # Backbone from the model registry; built without classifier.
+  c.model = ml_collections.ConfigDict()
+  c.model.truncate = 0  # Final stages removed (CheXtransfer truncation).
+  c.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
+
+  c.head = ml_collections.ConfigDict()
+  c.head.kind = ''  # linear | mlp | projection | none; '' = the stage's default.
+  c.head.num_classes = 0  # Classifier outputs (supervised stages).
+
+  c.init = ml_collections.ConfigDict()
+  c.init.weights = ''  # Published backbone weights (.npz BiT, .h5 Keras EfficientNet).
+  c.init.workdir = ''  # Or: an earlier stage's workdir; its latest backbone is used.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ''  # TFDS name, e.g. 'synthetic_cxr/site_a'.
+  c.data.split = 'train'
+  c.data.data_dir = ''  # TFDS data directory; '' = TFDS's default (~/tensorflow_datasets).
+  c.data.pp = 'decode|value_range(-1, 1)|rgb'  # Preprocessing string (transforms.py).
+  c.data.batch_pp = ''  # Batch ops, e.g. 'mixup(0.2)'.
+  c.data.findings = ()  # CXR findings to train on; () = all the dataset has.
+  c.data.label_policy = ml_collections.ConfigDict()
+  c.data.label_policy.uncertain = 'ignore'  # ignore | zeros | ones (U-Ignore/Zeros/Ones).
+  c.data.label_policy.per_finding = {}  # Overrides, e.g. {'Atelectasis': 'ones'}.
+  c.data.label_policy.unmentioned = 'zeros'  # What a blank label means: zeros | ignore.
+  c.data.workers = 0  # grain worker processes; 0 decodes in the training process.
+  c.data.prefetch = 2
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.0
+  c.loss.temperature = 0.1  # Contrastive temperature.
+  c.loss.base_temperature = 0.07  # SupCon's loss scale T / T_base (Khosla et al. 2020).
+  c.loss.positives = 'abnormal'  # SupCon positives: abnormal | any_shared | jaccard.
+
+  c.optimizer = optimizers.default_config()
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1  # Devices per parameter shard; 1 replicates parameters.
+  c.mesh.devices = 0  # 0 = every device; N = the first N (single-process scaling tests).
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 100  # Steps between checkpoints (also saved at the end/SIGTERM).
+  c.checkpoint.keep = 3
+  return c

@@ -1,0 +1,259 @@
+"""The one training loop. A stage (`config.trainer`) only chooses the loss and the head.
+
+  supervised  softmax CE on `label` (natural images), or masked sigmoid CE on
+              `labels`/`label_mask` (CXR findings); linear head.
+  supcon      supervised contrastive loss on two views; positives from `abnormal`,
+              any shared finding, or Jaccard overlap (config.loss.positives);
+              projection head, discarded afterwards.
+  simclr      the same contrastive machinery with only the other view as positive.
+
+Everything else is shared: the device mesh, initialisation from published weights
+or an earlier stage's workdir, the optimizer, exact resume from Orbax checkpoints
+(state and data position), SIGTERM handling, non-finite-loss stops, metrics.
+"""
+
+import functools
+import os
+import signal
+from typing import Any, Callable, Dict, Tuple
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cxr_jax import models
+from cxr_jax.data import pipeline
+from cxr_jax.models import heads
+from cxr_jax.train import checkpointing
+from cxr_jax.train import losses
+from cxr_jax.train import metrics as metrics_lib
+from cxr_jax.train import optimizers
+from cxr_jax.train import sharding
+from cxr_jax.train.registry import TRAINERS
+
+State = Dict[str, Any]
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# --- what differs between stages ------------------------------------------------------
+
+
+def _apply(network, params, model_state, images, rng, train: bool):
+  variables = {'params': params, **model_state}
+  if train and model_state:
+    (output, aux), new_state = network.apply(variables, images, train=True,
+                                             mutable=list(model_state), rngs={'dropout': rng})
+    return output, aux, new_state
+  output, aux = network.apply(variables, images, train=train, rngs={'dropout': rng})
+  return output, aux, model_state
+
+
+def supervised_loss(network, config, params, model_state, batch, rng):
+  logits, _, new_state = _apply(network, params, model_state, batch['image'], rng, True)
+  if 'label' in batch:  # Single-label classes (natural images); soft after mixup.
+    per_example = losses.softmax_cross_entropy(
+        logits, batch['label'], label_smoothing=config.loss.label_smoothing)
+    loss = jnp.mean(per_example)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == (
+        batch['label'] if batch['label'].ndim == 1 else jnp.argmax(batch['label'], -1)))
+    return loss, (new_state, {'accuracy': accuracy})
+  loss = losses.sigmoid_cross_entropy_mean(logits, batch['labels'], batch['label_mask'])
+  return loss, (new_state, {})
+
+
+def _contrastive_features(network, params, model_state, batch, rng):
+  images = batch['image']
+  if images.ndim != 5 or images.shape[1] != 2:
+    raise ValueError(f'Contrastive stages need two views per image ([B, 2, H, W, C]); got '
+                     f'{images.shape}. Put two_views in config.data.pp.')
+  flat = images.reshape(-1, *images.shape[2:])
+  projected, _, new_state = _apply(network, params, model_state, flat, rng, True)
+  return projected.reshape(images.shape[0], 2, -1), new_state
+
+
+def supcon_loss(network, config, params, model_state, batch, rng):
+  features, new_state = _contrastive_features(network, params, model_state, batch, rng)
+  if config.loss.positives == 'abnormal':
+    weights = losses.positive_weights(batch['abnormal'], 'same_label')
+  else:
+    weights = losses.positive_weights(batch['labels'], config.loss.positives,
+                                      mask=batch.get('label_mask'))
+  loss, stats = losses.supcon_loss_mean(features, weights, temperature=config.loss.temperature,
+                                        base_temperature=config.loss.base_temperature)
+  return loss, (new_state, stats)
+
+
+def simclr_loss(network, config, params, model_state, batch, rng):
+  features, new_state = _contrastive_features(network, params, model_state, batch, rng)
+  per_anchor, stats = losses.simclr_loss(features, temperature=config.loss.temperature)
+  loss = losses.mean_over_valid(per_anchor, stats.pop('anchor_has_positive'))
+  return loss, (new_state, stats)
+
+
+STAGES: Dict[str, Tuple[Callable, str]] = {
+    # name: (loss, head kind)
+    'supervised': (supervised_loss, 'linear'),
+    'supcon': (supcon_loss, 'projection'),
+    'simclr': (simclr_loss, 'projection'),
+}
+
+
+# --- building the run -----------------------------------------------------------------
+
+
+def build_network(config) -> heads.Network:
+  backbone = models.get_model(config.model_name, **{
+      **{k: v for k, v in config.model.to_dict().items() if v is not None},
+      'num_classes': None})
+  head_kind = config.head.kind or STAGES[config.trainer][1]
+  num_classes = config.head.num_classes if head_kind in ('linear', 'mlp') else 0
+  return heads.Network(backbone, heads.make_head(head_kind, num_classes))
+
+
+def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
+  """Fresh init, then the backbone from published weights or an earlier stage's run."""
+  size = config.init_image_size
+  variables = jax.jit(lambda r: network.init(
+      r, jnp.zeros((1, size, size, 3), jnp.float32), train=False))(rng)
+  variables = flax.core.unfreeze(variables)
+  if config.init.weights and config.init.workdir:
+    raise ValueError('Set config.init.weights or config.init.workdir, not both.')
+  if config.init.weights:
+    backbone = models.load_pretrained(network.backbone, config.init.weights)
+  elif config.init.workdir:
+    backbone = backbone_from_workdir(config.init.workdir)
+  else:
+    return variables
+  for collection, tree in backbone.items():
+    expected = jax.tree.map(jnp.shape, variables[collection]['backbone'])
+    got = jax.tree.map(jnp.shape, tree)
+    if expected != got:
+      raise ValueError(f'Backbone from {config.init.weights or config.init.workdir} does not '
+                       f'fit {config.model_name} ({collection} shapes differ).')
+    variables[collection]['backbone'] = jax.tree.map(jnp.asarray, tree)
+  return variables
+
+
+def backbone_from_workdir(workdir: str) -> Dict[str, Any]:
+  """The backbone variables of the latest checkpoint of an earlier stage's run."""
+  directory = os.path.join(workdir, 'checkpoints')
+  ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f'No checkpoint in {directory} to initialise from.')
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  restored = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  ckpt.close()
+  out = {'params': restored['params']['backbone']}
+  for collection, tree in restored['model_state'].items():
+    if 'backbone' in tree:
+      out[collection] = tree['backbone']
+  return out
+
+
+def make_train_step(network, config, tx) -> Callable:
+  loss_fn = functools.partial(STAGES[config.trainer][0], network, config)
+
+  def train_step(state: State, batch) -> Tuple[State, Dict[str, jax.Array]]:
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    (loss, (model_state, extra)), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, state['model_state'], batch, rng), has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {**state, 'step': state['step'] + 1, 'opt_state': opt_state,
+                 'params': optax.apply_updates(state['params'], updates),
+                 'model_state': model_state}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree_utils.tree_norm(grads), **extra}
+
+  return train_step
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it saves before exiting."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- the loop -------------------------------------------------------------------------
+
+
+def train(config, workdir: str) -> State:
+  sharding.initialize_distributed()
+  if config.trainer not in STAGES:
+    raise ValueError(f'Unknown stage {config.trainer!r}; expected one of {sorted(STAGES)}.')
+  mesh = sharding.make_mesh(config.mesh.fsdp, config.mesh.devices)
+  network = build_network(config)
+  data = pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
+                                       seed=config.seed, train=True)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = initial_variables(network, config, init_rng)
+  params = variables.pop('params')
+  tx, schedule = optimizers.make_optimizer(config.optimizer, params, config.total_steps,
+                                           batch_size=config.batch_size)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+           'opt_state': tx.init(params), 'model_state': variables, 'rng': state_rng}
+  state_sharding = sharding.state_shardings(jax.eval_shape(lambda: state), mesh)
+  state = jax.device_put(state, state_sharding)
+
+  checkpoints = checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
+  iterator = iter(data)
+  if checkpoints.latest_step() is not None:
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+    state = checkpoints.restore(abstract, iterator)
+    logging.info('Resumed from step %d in %s', int(state['step']), workdir)
+  start = int(state['step'])
+
+  step_fn = jax.jit(make_train_step(network, config, tx), donate_argnums=(0,),
+                    out_shardings=(state_sharding, sharding.replicated(mesh)))
+  batch_sharding = sharding.batch_sharding(mesh)
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
+  preemption = _Preemption()
+  try:
+    for step in range(start + 1, config.total_steps + 1):
+      batch = pipeline.to_global(next(iterator), batch_sharding)
+      state, step_metrics = step_fn(state, batch)
+      preempted = preemption.requested  # Read once: the signal may arrive at any moment.
+      last = step == config.total_steps
+      checkpoint_due = last or preempted or step % config.checkpoint.every == 0
+      if step % config.log_every == 0 or checkpoint_due or step == start + 1:
+        values = jax.device_get(step_metrics)
+        if not all(np.isfinite(v) for v in values.values()):
+          raise NonFiniteLossError(
+              f'Non-finite training metrics at step {step}: {values}. Training stopped; the '
+              f'last good checkpoint (step {checkpoints.latest_step()}) is kept.')
+        values['learning_rate'] = schedule(step - 1)
+        writer.write(step, values)
+        progress.show(step, values)
+      if checkpoint_due:
+        checkpoints.save(step, state, iterator, force=True)
+      if preempted:
+        logging.warning('SIGTERM: saved a checkpoint at step %d; exiting.', step)
+        break
+  finally:
+    preemption.restore()
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+  return state
+
+
+for _name in STAGES:
+  TRAINERS.add(_name, train)

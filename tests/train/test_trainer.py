@@ -1,0 +1,224 @@
+"""The training loop: stages chained, exact resume after SIGKILL, SIGTERM, non-finite loss,
+and the same training on 1 and 8 devices."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cxr_jax.data.builders import synthetic as synthetic_builders
+from cxr_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NATURAL_PP = 'decode|random_crop(28)|flip_lr|value_range(-1, 1)'
+CXR_PP = 'decode|window|two_views|random_crop(28)|flip_lr|value_range(-1, 1, 0, 1)|rgb'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('tfds'))
+  synthetic_builders.prepare(synthetic_builders.make_natural_config(
+      num_classes=4, image_size=32, num_train=64, num_test=16), directory)
+  synthetic_builders.prepare(synthetic_builders.make_cxr_config(
+      'A', image_size=32, num_examples=96), directory)
+  return directory
+
+
+def overrides(data_dir, stage='supervised', **extra):
+  """--config.* flags for a tiny run of `stage` on the synthetic sets in `data_dir`."""
+  flags = {'data.data_dir': data_dir, 'batch_size': 8, 'total_steps': 6, 'log_every': 1,
+           'optimizer.schedule.warmup_steps': 1, 'checkpoint.every': 1}
+  if stage == 'supervised':
+    flags.update({'data.name': 'synthetic_natural/4cls_32px_64_16_seed0',
+                  'head.num_classes': 4, 'data.pp': NATURAL_PP})
+  else:
+    flags.update({'data.name': 'synthetic_cxr/site_a_32px_96_noise10_seed0',
+                  'data.pp': CXR_PP})
+  flags.update(extra)
+  return flags
+
+
+def config_for(stage, flags):
+  config_file = 'supervised_natural.py' if stage == 'supervised' else 'supcon_cxr.py'
+  module = {}
+  exec(open(os.path.join(REPO, 'configs', config_file)).read(), module)  # pylint: disable=exec-used
+  config = module['get_config']()
+  for key, value in flags.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def run_main(stage, flags, workdir):
+  """Starts `python -m cxr_jax.main` for a tiny run; its output goes to WORKDIR.log."""
+  config_file = 'supervised_natural.py' if stage == 'supervised' else 'supcon_cxr.py'
+  args = [sys.executable, '-m', 'cxr_jax.main', '--config', f'configs/{config_file}',
+          '--workdir', str(workdir)] + [f'--config.{k}={v}' for k, v in flags.items()]
+  log = open(f'{workdir}.log', 'a')  # A file, not a pipe: a full pipe would block the run.
+  return subprocess.Popen(args, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                          stdout=log, stderr=subprocess.STDOUT)
+
+
+def log_of(workdir):
+  with open(f'{workdir}.log') as f:
+    return f.read()
+
+
+def final_params(workdir):
+  """The params of the latest checkpoint, as a flat dict of NumPy arrays."""
+  backbone = trainer.backbone_from_workdir(str(workdir))
+  return {'/'.join(map(str, k)): np.asarray(v) for k, v in
+          __import__('flax').traverse_util.flatten_dict(backbone['params']).items()}
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_stages_chain_and_report(data_dir, tmp_path):
+  generic = tmp_path / 'generic'
+  state = trainer.train(config_for('supervised', overrides(data_dir)), str(generic))
+  assert int(state['step']) == 6
+  lines = read_metrics(generic)
+  assert [m['step'] for m in lines] == [1, 2, 3, 4, 5, 6]
+  assert {'loss', 'accuracy', 'grad_norm', 'learning_rate'} <= set(lines[0])
+  assert os.listdir(generic / 'tensorboard')
+  cxr = tmp_path / 'cxr'
+  config = config_for('supcon', overrides(data_dir, 'supcon', total_steps=3))
+  config.init.workdir = str(generic)
+  trainer.train(config, str(cxr))
+  assert [m['step'] for m in read_metrics(cxr)] == [1, 2, 3]
+  assert read_metrics(cxr)[0]['anchors_without_positive'] == 0
+  # SupCon started from the generic backbone, not from a fresh initialisation.
+  fresh = trainer.initial_variables(trainer.build_network(config_for(
+      'supcon', overrides(data_dir, 'supcon'))), config_for('supcon', overrides(
+          data_dir, 'supcon')), jax.random.PRNGKey(1))
+  loaded = trainer.initial_variables(trainer.build_network(config), config,
+                                     jax.random.PRNGKey(1))
+  root = lambda v: np.asarray(v['params']['backbone']['root_block']['standardized_conv2d'][
+      'kernel'])
+  np.testing.assert_array_equal(root(loaded), final_params(generic)[
+      'root_block/standardized_conv2d/kernel'])
+  assert not np.array_equal(root(loaded), root(fresh))
+
+
+def test_unknown_key_in_init_workdir_and_bad_pp(data_dir, tmp_path):
+  config = config_for('supcon', overrides(data_dir, 'supcon'))
+  config.init.workdir = str(tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match='No checkpoint'):
+    trainer.train(config, str(tmp_path / 'run'))
+  config = config_for('supcon', overrides(data_dir, 'supcon', **{'data.pp': 'decode|rgb'}))
+  with pytest.raises(ValueError, match='two views per image'):
+    trainer.train(config, str(tmp_path / 'run2'))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  config = config_for('supervised', overrides(data_dir, **{
+      'optimizer.learning_rate': 1e30, 'optimizer.lr_reference_batch': 0,
+      'optimizer.schedule.warmup_steps': 0, 'optimizer.schedule.name': 'constant'}))
+  with pytest.raises(trainer.NonFiniteLossError, match='Non-finite training metrics at step'):
+    trainer.train(config, str(tmp_path))
+  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  for step in steps:  # Every checkpoint kept holds finite parameters.
+    assert all(np.all(np.isfinite(v)) for v in final_params_at(tmp_path, step).values())
+
+
+def final_params_at(workdir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return {'/'.join(map(str, k)): np.asarray(v) for k, v in
+          __import__('flax').traverse_util.flatten_dict(restored['state']['params']).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', ['supervised', 'supcon'])
+def test_sigkill_then_rerun_equals_uninterrupted(data_dir, tmp_path, stage):
+  flags = overrides(data_dir, stage, total_steps=8)
+  straight = run_main(stage, flags, tmp_path / 'straight')
+  assert straight.wait(timeout=600) == 0, log_of(tmp_path / 'straight')[-3000:]
+
+  kill_after = random.Random(stage).randint(2, 6)
+  interrupted = run_main(stage, flags, tmp_path / 'killed')
+  metrics = tmp_path / 'killed' / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+      break
+    time.sleep(0.05)
+  interrupted.send_signal(signal.SIGKILL)
+  interrupted.wait(timeout=60)
+  resumed = run_main(stage, flags, tmp_path / 'killed')
+  assert resumed.wait(timeout=600) == 0, log_of(tmp_path / 'killed')[-3000:]
+  assert 'Resumed from step' in log_of(tmp_path / 'killed')
+  a, b = final_params(tmp_path / 'straight'), final_params(tmp_path / 'killed')
+  assert a.keys() == b.keys()
+  for key in a:  # Bitwise: the same programs on the same data in the same order.
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+  flags = overrides(data_dir, total_steps=100000, **{'checkpoint.every': 1000})
+  process = run_main('supervised', flags, tmp_path)
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 3):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == 0, log_of(tmp_path)[-3000:]
+  steps = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  assert steps and max(steps) >= 3 and max(steps) < 1000
+
+
+EQUIVALENCE_SCRIPT = '''
+import json, sys
+import jax, numpy as np, flax
+sys.path.insert(0, {tests_dir!r})
+from test_trainer import config_for, overrides
+from cxr_jax.train import trainer
+assert jax.device_count() == 8
+out = {{}}
+for stage in ('supervised', 'supcon'):
+  results = []
+  for devices in (1, 8):
+    config = config_for(stage, overrides({data_dir!r}, stage, total_steps=5,
+                                         **{{'mesh.devices': devices}}))
+    workdir = {workdir!r} + f'/{{stage}}{{devices}}'
+    state = trainer.train(config, workdir)
+    losses = [m['loss'] for m in map(json.loads, open(workdir + '/metrics.jsonl'))]
+    params = flax.traverse_util.flatten_dict(jax.device_get(state['params']))
+    results.append((losses, params))
+  (l1, p1), (l8, p8) = results
+  out[stage] = {{'loss': float(np.max(np.abs(np.array(l1) - np.array(l8)))),
+                 'params': float(max(np.max(np.abs(p1[k] - p8[k])) for k in p1))}}
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(data_dir, tmp_path):
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  script = EQUIVALENCE_SCRIPT.format(tests_dir=tests_dir, data_dir=data_dir,
+                                     workdir=str(tmp_path))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  differences = json.loads(result.stdout.strip().splitlines()[-1])
+  print(differences)
+  for stage, diff in differences.items():
+    assert diff['loss'] <= 1e-5, (stage, diff)
+    assert diff['params'] <= 1e-5, (stage, diff)
