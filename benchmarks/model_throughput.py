@@ -47,8 +47,9 @@ def matmul_peak(size: int, dtype, repeats: int) -> float:
   return 2 * size**3 / timed(matmul, a, a, repeats=repeats)
 
 
-def bench_model(name: str, batch_size: int, image_size: int, dtype, repeats: int) -> list:
-  model = models.get_model(name, num_classes=1000, dtype=dtype)
+def bench_model(name: str, batch_size: int, image_size: int, dtype, repeats: int,
+                overrides: dict) -> list:
+  model = models.get_model(name, num_classes=1000, dtype=dtype, **overrides)
   variables = models.weights.init_variables(model)
   images = jnp.asarray(
       np.random.default_rng(0).uniform(-1, 1, (batch_size, image_size, image_size, 3)),
@@ -73,7 +74,8 @@ def bench_model(name: str, batch_size: int, image_size: int, dtype, repeats: int
       ('forward', forward, (variables, images), forward_flops),
       ('forward+backward', grad_step, (variables['params'], images, labels), 3 * forward_flops)]:
     seconds = timed(fn, *args, repeats=repeats)
-    rows.append({'model': name, 'mode': mode, 'batch': batch_size, 'image': image_size,
+    label = name + ''.join(f' {k}={v}' for k, v in overrides.items())
+    rows.append({'model': label, 'mode': mode, 'batch': batch_size, 'image': image_size,
                  'dtype': jnp.dtype(dtype).name, 'images_per_s': batch_size / seconds,
                  'gflops_per_image': flops / batch_size / 1e9, 'tflops_per_s': flops / seconds / 1e12})
   return rows
@@ -81,7 +83,9 @@ def bench_model(name: str, batch_size: int, image_size: int, dtype, repeats: int
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--models', default='bit-r50x1,efficientnet-b0')
+  parser.add_argument('--models', default='bit-r50x1,efficientnet-b0',
+                      help='Comma-separated; NAME:key=value overrides a model field, e.g. '
+                      'efficientnet-b0:depthwise_impl=conv.')
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
@@ -94,8 +98,11 @@ def main():
   dtype = jnp.dtype(args.dtype)
   peak = matmul_peak(args.matmul_size, dtype, args.repeats)
   rows = []
-  for name in args.models.split(','):
-    for row in bench_model(name, args.batch_size, args.image_size, dtype, args.repeats):
+  for spec in args.models.split(','):
+    name, _, override = spec.partition(':')
+    overrides = dict(kv.split('=') for kv in override.split(';') if kv)
+    for row in bench_model(name, args.batch_size, args.image_size, dtype, args.repeats,
+                           overrides):
       row['utilization'] = row['tflops_per_s'] * 1e12 / peak
       rows.append(row)
 
