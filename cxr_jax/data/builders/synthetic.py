@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import sys
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,11 +32,12 @@ def _parallel_map(fn, items: Sequence, processes: Optional[int] = None) -> Itera
   """Ordered map over forked worker processes.
 
   Fork, not spawn: spawn re-imports the caller's main module in every worker, which
-  re-runs a script that lacks an `if __name__ == '__main__'` guard. The workers only
-  render with NumPy, so the parent's threads (JAX's, say) are never touched there.
+  re-runs a script that lacks an `if __name__ == '__main__'` guard. Forking a process
+  that runs JAX's threads can deadlock, so where JAX is loaded (a notebook, a test)
+  rendering stays in this process; the build CLI never loads JAX.
   """
   processes = processes or os.cpu_count() or 1
-  if processes == 1 or len(items) < 64:
+  if processes == 1 or len(items) < 64 or 'jax' in sys.modules:
     yield from map(fn, items)
     return
   with multiprocessing.get_context('fork').Pool(processes) as pool:
