@@ -75,7 +75,7 @@ def unknown_override_message(argv, config) -> str:
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error.
+  except SystemExit:  # absl exits 1 after printing --help; asking for help is no error.
     if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
       sys.exit(0)
     raise

@@ -91,15 +91,12 @@ class BatchPreprocess(grain.RandomMapTransform):
     return self.pp(element, rng)
 
 
-def _drop_text(element):
-  # Strings cannot go to devices; text is re-read from the source when it is needed.
-  return {k: v for k, v in element.items()
-          if not isinstance(v, (bytes, str, np.bytes_, np.str_))}
-
-
 class DropText(grain.MapTransform):
+  """Strings cannot go to devices; text is re-read from the source when it is needed."""
+
   def map(self, element):
-    return _drop_text(element)
+    return {k: v for k, v in element.items()
+            if not isinstance(v, (bytes, str, np.bytes_, np.str_))}
 
 
 @dataclasses.dataclass
