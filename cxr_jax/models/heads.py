@@ -8,6 +8,7 @@ projection head is discarded after CXR pretraining).
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -67,9 +68,14 @@ class Network(nn.Module):
   """
   backbone: nn.Module
   head: Optional[nn.Module] = None
+  # Linear/MLP probing: the backbone runs in inference mode (no batch-statistics
+  # updates, no dropout) and no gradient flows into it, which also skips its backward.
+  frozen_backbone: bool = False
 
   def __call__(self, images, train: bool = False):
-    _, aux = self.backbone(images, train=train)
+    _, aux = self.backbone(images, train=train and not self.frozen_backbone)
+    if self.frozen_backbone:
+      aux = jax.tree.map(jax.lax.stop_gradient, aux)
     output = self.head(aux['embedding'], train=train) if self.head is not None else None
     return output, aux
 

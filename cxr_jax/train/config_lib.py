@@ -7,7 +7,7 @@ from cxr_jax.train import optimizers
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.trainer = 'supervised'  # supervised | supcon | simclr (see cxr_jax/train/trainer.py).
+  c.trainer = 'supervised'  # supervised | supcon | simclr | finetune (train/trainer.py).
   c.seed = 0  # Initialisation, shuffling, augmentation and dropout all derive from it.
   c.total_steps = 1000
   c.batch_size = 64  # Global batch, split over processes and devices.
@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict()
   c.head.kind = ''  # linear | mlp | projection | none; '' = the stage's default.
   c.head.num_classes = 0  # Classifier outputs (supervised stages).
+
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.mode = 'linear'  # finetune stage: linear | mlp (frozen backbone) | full.
 
   c.init = ml_collections.ConfigDict()
   c.init.weights = ''  # Published backbone weights (.npz BiT, .h5 Keras EfficientNet).

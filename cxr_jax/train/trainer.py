@@ -6,6 +6,9 @@
               any shared finding, or Jaccard overlap (config.loss.positives);
               projection head, discarded afterwards.
   simclr      the same contrastive machinery with only the other view as positive.
+  finetune    task training from a pretrained backbone, supervised loss;
+              config.finetune.mode: linear (frozen backbone, linear head), mlp
+              (frozen backbone, MLP head) or full (everything trains, linear head).
 
 Everything else is shared: the device mesh, initialisation from published weights
 or an earlier stage's workdir, the optimizer, exact resume from Orbax checkpoints
@@ -101,7 +104,9 @@ STAGES: Dict[str, Tuple[Callable, str]] = {
     'supervised': (supervised_loss, 'linear'),
     'supcon': (supcon_loss, 'projection'),
     'simclr': (simclr_loss, 'projection'),
+    'finetune': (supervised_loss, 'linear'),
 }
+FINETUNE_MODES = {'linear': ('linear', True), 'mlp': ('mlp', True), 'full': ('linear', False)}
 
 
 # --- building the run -----------------------------------------------------------------
@@ -111,9 +116,16 @@ def build_network(config) -> heads.Network:
   backbone = models.get_model(config.model_name, **{
       **{k: v for k, v in config.model.to_dict().items() if v is not None},
       'num_classes': None})
-  head_kind = config.head.kind or STAGES[config.trainer][1]
+  head_kind, frozen = config.head.kind or STAGES[config.trainer][1], False
+  if config.trainer == 'finetune':
+    if config.finetune.mode not in FINETUNE_MODES:
+      raise ValueError(f'finetune.mode={config.finetune.mode!r}; expected one of '
+                       f'{sorted(FINETUNE_MODES)}.')
+    mode_head, frozen = FINETUNE_MODES[config.finetune.mode]
+    head_kind = config.head.kind or mode_head
   num_classes = config.head.num_classes if head_kind in ('linear', 'mlp') else 0
-  return heads.Network(backbone, heads.make_head(head_kind, num_classes))
+  return heads.Network(backbone, heads.make_head(head_kind, num_classes),
+                       frozen_backbone=frozen)
 
 
 def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
@@ -199,11 +211,20 @@ def train(config, workdir: str) -> State:
   network = build_network(config)
   data = pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
                                        seed=config.seed, train=True)
+  classifier = isinstance(network.head, (heads.LinearHead, heads.MLPHead))
+  if classifier and data.findings and config.head.num_classes != len(data.findings):
+    raise ValueError(f'config.head.num_classes={config.head.num_classes}, but the data has '
+                     f'{len(data.findings)} findings to predict: {list(data.findings)}.')
   rng = jax.random.PRNGKey(config.seed)
   init_rng, state_rng = jax.random.split(rng)
   variables = initial_variables(network, config, init_rng)
   params = variables.pop('params')
-  tx, schedule = optimizers.make_optimizer(config.optimizer, params, config.total_steps,
+  optimizer_config = config.optimizer
+  if network.frozen_backbone:  # No optimizer state for what cannot change.
+    optimizer_config = optimizer_config.copy_and_resolve_references()
+    with optimizer_config.unlocked():
+      optimizer_config.freeze = '^backbone/'
+  tx, schedule = optimizers.make_optimizer(optimizer_config, params, config.total_steps,
                                            batch_size=config.batch_size)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params,
            'opt_state': tx.init(params), 'model_state': variables, 'rng': state_rng}

@@ -222,3 +222,28 @@ def test_eight_devices_match_one(data_dir, tmp_path):
   for stage, diff in differences.items():
     assert diff['loss'] <= 1e-5, (stage, diff)
     assert diff['params'] <= 1e-5, (stage, diff)
+
+
+@pytest.mark.slow
+def test_finetune_modes_freeze_exactly_the_backbone(data_dir, tmp_path):
+  generic = tmp_path / 'generic'
+  trainer.train(config_for('supervised', overrides(data_dir, total_steps=2)), str(generic))
+  start = final_params(generic)
+  cxr_flags = overrides(data_dir, 'supcon', total_steps=3, **{
+      'data.pp': 'decode|window|random_crop(28)|value_range(-1, 1, 0, 1)|rgb',
+      'head.num_classes': 7})
+  for mode in ('linear', 'mlp', 'full'):
+    config = config_for('supcon', cxr_flags)
+    config.trainer, config.finetune.mode = 'finetune', mode
+    config.init.workdir = str(generic)
+    state = trainer.train(config, str(tmp_path / mode))
+    backbone = final_params(tmp_path / mode)
+    unchanged = all(np.array_equal(start[k], backbone[k]) for k in start)
+    assert unchanged == (mode != 'full'), mode
+    head = jax.device_get(state['params']['head'])
+    assert ('hidden0' in head) == (mode == 'mlp')
+    assert np.any(np.asarray(head['dense']['kernel']))  # The head trained (zero init).
+  config = config_for('supcon', {**cxr_flags, 'head.num_classes': 3})
+  config.trainer = 'finetune'
+  with pytest.raises(ValueError, match='has 7 findings to predict'):
+    trainer.train(config, str(tmp_path / 'mismatch'))

@@ -82,8 +82,11 @@ class SyntheticCxr(base.CxrBuilder):
   VERSION = tfds.core.Version('1.0.0')
   FINDINGS = tuple(synthetic.CXR_FINDINGS)
   IMAGE_DTYPE = np.uint16
+  # Site A is the pretraining site, labelled by report mining (noisy); B and C are
+  # downstream and external sites whose labels are radiologist-grade.
   BUILDER_CONFIGS = [
-      dataclasses.replace(make_cxr_config(site), name=f'site_{site.lower()}')
+      dataclasses.replace(make_cxr_config(site, label_noise=0.1 if site == 'A' else 0.0),
+                          name=f'site_{site.lower()}')
       for site in sorted(synthetic.SITES)]
 
   def _split_names(self):
