@@ -9,7 +9,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = 'supervised'  # supervised | supcon | simclr | finetune (train/trainer.py).
   c.seed = 0  # Initialisation, shuffling, augmentation and dropout all derive from it.
-  c.total_steps = 1000
+  c.total_steps = 1000  # Batches; optimizer updates = total_steps / accumulate_steps.
   c.batch_size = 64  # Global batch, split over processes and devices.
   c.log_every = 10  # Steps between metrics lines (and non-finite-loss checks).
   c.init_image_size = 64  # Image size used only to trace parameter shapes at init.

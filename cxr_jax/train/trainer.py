@@ -224,7 +224,13 @@ def train(config, workdir: str) -> State:
     optimizer_config = optimizer_config.copy_and_resolve_references()
     with optimizer_config.unlocked():
       optimizer_config.freeze = '^backbone/'
-  tx, schedule = optimizers.make_optimizer(optimizer_config, params, config.total_steps,
+  # The loop counts batches; with accumulation the optimizer updates every k of them.
+  accumulate = optimizer_config.get('accumulate_steps', 1)
+  if config.total_steps % accumulate:
+    raise ValueError(f'total_steps={config.total_steps} is not a multiple of '
+                     f'optimizer.accumulate_steps={accumulate}.')
+  tx, schedule = optimizers.make_optimizer(optimizer_config, params,
+                                           config.total_steps // accumulate,
                                            batch_size=config.batch_size)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params,
            'opt_state': tx.init(params), 'model_state': variables, 'rng': state_rng}
@@ -260,7 +266,7 @@ def train(config, workdir: str) -> State:
           raise NonFiniteLossError(
               f'Non-finite training metrics at step {step}: {values}. Training stopped; the '
               f'last good checkpoint (step {checkpoints.latest_step()}) is kept.')
-        values['learning_rate'] = schedule(step - 1)
+        values['learning_rate'] = schedule((step - 1) // accumulate)
         writer.write(step, values)
         progress.show(step, values)
       if checkpoint_due:

@@ -247,3 +247,15 @@ def test_finetune_modes_freeze_exactly_the_backbone(data_dir, tmp_path):
   config.trainer = 'finetune'
   with pytest.raises(ValueError, match='has 7 findings to predict'):
     trainer.train(config, str(tmp_path / 'mismatch'))
+
+
+def test_gradient_accumulation_advances_the_schedule_per_update(data_dir, tmp_path):
+  config = config_for('supervised', overrides(data_dir, total_steps=6, **{
+      'optimizer.accumulate_steps': 2, 'optimizer.schedule.warmup_steps': 0,
+      'optimizer.schedule.name': 'linear'}))
+  trainer.train(config, str(tmp_path))
+  rates = [m['learning_rate'] for m in read_metrics(tmp_path)]
+  assert rates[0] == rates[1] > rates[2] == rates[3] > rates[4] == rates[5]  # 3 updates.
+  config.total_steps = 7
+  with pytest.raises(ValueError, match='not a multiple of optimizer.accumulate_steps=2'):
+    trainer.train(config, str(tmp_path / 'odd'))
