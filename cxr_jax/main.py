@@ -37,9 +37,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
-  if 'trainer' not in config:
-    raise app.UsageError(f'{flags.FLAGS["config"].config_filename}: the config has no '
-                         f'"trainer" field; set one of: {", ".join(train.TRAINERS.names())}.')
+  if config.get('trainer') not in train.TRAINERS:
+    raise app.UsageError(f'Unknown trainer {config.get("trainer")!r} in config.trainer. '
+                         f'Known: {", ".join(train.TRAINERS.names())}.')
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   logging.info('Resolved config written to %s', write_config(config, workdir))

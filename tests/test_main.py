@@ -51,7 +51,10 @@ def test_unknown_model_and_trainer_are_named(tmp_path):
   assert result.returncode != 0 and "Unknown model 'bit-nope'" in result.stderr
   result = run_main('--config', 'configs/model_summary.py', '--config.trainer=nope',
                     workdir=tmp_path)
-  assert result.returncode != 0 and "Unknown trainer 'nope'. Known: model_summary" in result.stderr
+  assert result.returncode != 0 and "Unknown trainer 'nope' in config.trainer. Known:" in (
+      result.stderr)
+  assert 'model_summary' in result.stderr and 'supcon' in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 def test_help_lists_the_flags(tmp_path):
