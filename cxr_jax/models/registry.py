@@ -23,10 +23,11 @@ def model_names():
   return MODELS.names()
 
 
-def build_model(config):
+def build_model(config, **overrides):
   """The model a recipe names: `config.model_name` with `config.model` as overrides.
 
-  Fields left at None keep the registered default (e.g. the published class count).
+  Fields left at None keep the registered default (e.g. the published class count);
+  keyword `overrides` win over the config (a trainer's num_classes=None, say).
   """
-  overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
-  return get_model(config.model_name, **overrides)
+  fields = {k: v for k, v in config.model.to_dict().items() if v is not None}
+  return get_model(config.model_name, **{**fields, **overrides})

@@ -113,9 +113,7 @@ FINETUNE_MODES = {'linear': ('linear', True), 'mlp': ('mlp', True), 'full': ('li
 
 
 def build_network(config) -> heads.Network:
-  backbone = models.get_model(config.model_name, **{
-      **{k: v for k, v in config.model.to_dict().items() if v is not None},
-      'num_classes': None})
+  backbone = models.build_model(config, num_classes=None)
   head_kind, frozen = config.head.kind or STAGES[config.trainer][1], False
   if config.trainer == 'finetune':
     if config.finetune.mode not in FINETUNE_MODES:

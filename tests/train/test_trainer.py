@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def final_params(workdir):
   """The params of the latest checkpoint, as a flat dict of NumPy arrays."""
   backbone = trainer.backbone_from_workdir(str(workdir))
   return {'/'.join(map(str, k)): np.asarray(v) for k, v in
-          __import__('flax').traverse_util.flatten_dict(backbone['params']).items()}
+          flax.traverse_util.flatten_dict(backbone['params']).items()}
 
 
 def read_metrics(workdir):
@@ -139,7 +140,7 @@ def final_params_at(workdir, step):
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return {'/'.join(map(str, k)): np.asarray(v) for k, v in
-          __import__('flax').traverse_util.flatten_dict(restored['state']['params']).items()}
+          flax.traverse_util.flatten_dict(restored['state']['params']).items()}
 
 
 @pytest.mark.slow
