@@ -23,6 +23,7 @@ def get_config():
   c.batch_size = 64
   c.data.name = 'synthetic_cxr/site_b'
   c.data.pp = 'decode|resize(64)|window|random_crop(56)|flip_lr|value_range(-1, 1, 0, 1)|rgb'
+  c.data.pp_eval = 'decode|resize(64)|window|central_crop(56)|value_range(-1, 1, 0, 1)|rgb'
   c.data.label_policy.uncertain = 'ignore'
   c.head.num_classes = 7  # One sigmoid output per finding of synthetic_cxr.
   c.optimizer.name = 'adamw'

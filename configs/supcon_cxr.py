@@ -24,6 +24,7 @@ def get_config():
   c.data.name = 'synthetic_cxr/site_a'
   c.data.pp = ('decode|resize(64)|window|two_views|inception_crop(56, area_min=50)|affine'
                '|contrast|value_range(-1, 1, 0, 1)|rgb')
+  c.data.pp_eval = 'decode|resize(64)|window|central_crop(56)|value_range(-1, 1, 0, 1)|rgb'
   c.loss.positives = 'abnormal'
   c.loss.temperature = 0.1
   c.optimizer.name = 'lars'

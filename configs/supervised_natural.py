@@ -18,6 +18,7 @@ def get_config():
   c.batch_size = 64
   c.data.name = 'synthetic_natural'
   c.data.pp = 'decode|inception_crop(48, area_min=40)|flip_lr|value_range(-1, 1)'
+  c.data.pp_eval = 'decode|resize_small(56)|central_crop(48)|value_range(-1, 1)'
   c.optimizer.name = 'sgd'
   c.optimizer.learning_rate = 0.03  # BiT: 0.03 per 512 images, scaled to the batch.
   c.optimizer.lr_reference_batch = 512

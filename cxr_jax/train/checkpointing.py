@@ -1,15 +1,18 @@
-"""Orbax checkpoints of the training state together with the data iterator's position.
+"""Orbax checkpoints of the training state, the data iterator's position and the config.
 
 A checkpoint at step s holds the state after s updates and the grain iterator ready
 to yield the batch of update s+1, so resuming repeats and skips nothing. Saves are
-asynchronous; the last `keep` are kept, plus the best by an evaluation metric when
-`best_metric` is set.
+asynchronous. A run keeps its last `keep` in WORKDIR/checkpoints (for resuming) and,
+when it evaluates, the best by the evaluation metric in WORKDIR/best (a second
+Checkpointer with `best_metric`, every save there carrying metrics). The run's config is saved with every step, so a checkpoint
+alone says how to rebuild its network (`read_checkpoint`).
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import grain.python as grain
+import ml_collections
 import orbax.checkpoint as ocp
 
 
@@ -24,16 +27,19 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'data': grain.PyGrainCheckpointHandler()})
+                       'data': grain.PyGrainCheckpointHandler(),
+                       'config': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator, metrics: Optional[dict] = None,
-           force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.PyGrainCheckpointSave(data_iterator)),
-        metrics=metrics, force=force)
+  def save(self, step: int, state: Any, data_iterator, config=None,
+           metrics: Optional[dict] = None, force: bool = False) -> None:
+    items = {'state': ocp.args.StandardSave(state),
+             'data': grain.PyGrainCheckpointSave(data_iterator)}
+    if config is not None:
+      items['config'] = ocp.args.JsonSave(config.to_dict())
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def restore(self, abstract_state: Any, data_iterator=None, step: Optional[int] = None):
     """The state at `step` (default latest); also rewinds `data_iterator` if given."""
@@ -49,3 +55,33 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def read_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False
+                    ) -> Tuple[Dict[str, Any], ml_collections.ConfigDict, int]:
+  """(state as host arrays, the run's config, step) of a run's checkpoint, no target needed.
+
+  `step` picks one of WORKDIR/checkpoints, `best=True` the one in WORKDIR/best (the best
+  by the run's evaluation metric; the latest when the run did not evaluate), and by
+  default the latest.
+  """
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'No checkpoint in {workdir}: it has no checkpoints/ directory '
+                            '(is it a training run?).')
+  if best and step is None and os.path.isdir(os.path.join(workdir, 'best')):
+    directory = os.path.join(workdir, 'best')
+  ckpt = Checkpointer(directory, asynchronous=False)
+  try:
+    if step is None:
+      step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {directory}.')
+    if step not in ckpt.manager.all_steps():
+      raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; it has '
+                              f'{sorted(ckpt.manager.all_steps())}.')
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  finally:
+    ckpt.close()
+  return restored['state'], ml_collections.ConfigDict(restored['config']), step

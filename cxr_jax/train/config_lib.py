@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = 'train'
   c.data.data_dir = ''  # TFDS data directory; '' = TFDS's default (~/tensorflow_datasets).
   c.data.pp = 'decode|value_range(-1, 1)|rgb'  # Preprocessing string (transforms.py).
+  # Deterministic preprocessing for evaluation, embedding and export (no augmentation).
+  c.data.pp_eval = 'decode|value_range(-1, 1)|rgb'
   c.data.batch_pp = ''  # Batch ops, e.g. 'mixup(0.2)'.
   c.data.findings = ()  # CXR findings to train on; () = all the dataset has.
   c.data.label_policy = ml_collections.ConfigDict()

@@ -152,16 +152,9 @@ def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
 
 def backbone_from_workdir(workdir: str) -> Dict[str, Any]:
   """The backbone variables of the latest checkpoint of an earlier stage's run."""
-  directory = os.path.join(workdir, 'checkpoints')
-  ckpt = checkpointing.Checkpointer(directory, asynchronous=False)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f'No checkpoint in {directory} to initialise from.')
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  restored = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
-  ckpt.close()
-  out = {'params': restored['params']['backbone']}
-  for collection, tree in restored['model_state'].items():
+  state, _, _ = checkpointing.read_checkpoint(workdir)
+  out = {'params': state['params']['backbone']}
+  for collection, tree in state['model_state'].items():
     if 'backbone' in tree:
       out[collection] = tree['backbone']
   return out
@@ -268,7 +261,7 @@ def train(config, workdir: str) -> State:
         writer.write(step, values)
         progress.show(step, values)
       if checkpoint_due:
-        checkpoints.save(step, state, iterator, force=True)
+        checkpoints.save(step, state, iterator, config=config, force=True)
       if preempted:
         logging.warning('SIGTERM: saved a checkpoint at step %d; exiting.', step)
         break
