@@ -35,8 +35,9 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator, config=None,
            metrics: Optional[dict] = None, force: bool = False) -> None:
-    items = {'state': ocp.args.StandardSave(state),
-             'data': grain.PyGrainCheckpointSave(data_iterator)}
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items['data'] = grain.PyGrainCheckpointSave(data_iterator)
     if config is not None:
       items['config'] = ocp.args.JsonSave(config.to_dict())
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)

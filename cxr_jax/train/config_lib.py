@@ -22,13 +22,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.head = ml_collections.ConfigDict()
   c.head.kind = ''  # linear | mlp | projection | none; '' = the stage's default.
   c.head.num_classes = 0  # Classifier outputs (supervised stages).
+  # Initial bias of a linear head. 0 for softmax; for sigmoid losses over many rare
+  # classes a negative prior such as -log(num_classes) keeps early gradients sane.
+  c.head.bias_init = 0.0
 
   c.finetune = ml_collections.ConfigDict()
-  c.finetune.mode = 'linear'  # finetune stage: linear | mlp (frozen backbone) | full.
+  # finetune stage: linear | mlp (frozen backbone) | full | lpft (linear probe for
+  # lp_steps in WORKDIR/linear_probe, then full fine-tuning from that backbone and head).
+  c.finetune.mode = 'linear'
+  c.finetune.lp_steps = 0  # lpft: probe steps (total_steps are the fine-tuning steps).
+  c.finetune.lp_learning_rate = 0.0  # lpft: the probe's peak rate; 0 = optimizer's.
 
   c.init = ml_collections.ConfigDict()
   c.init.weights = ''  # Published backbone weights (.npz BiT, .h5 Keras EfficientNet).
   c.init.workdir = ''  # Or: an earlier stage's workdir; its latest backbone is used.
+  c.init.head = False  # With init.workdir: also take its head (LP-FT's second phase).
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ''  # TFDS name, e.g. 'synthetic_cxr/site_a'.
@@ -57,6 +65,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1  # Devices per parameter shard; 1 replicates parameters.
   c.mesh.devices = 0  # 0 = every device; N = the first N (single-process scaling tests).
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0  # Steps between evaluations on eval.split (and at the end); 0 = never.
+  c.eval.split = 'validation'
+  c.eval.batch_size = 0  # 0 = batch_size.
+  # Metric that picks the checkpoint kept in WORKDIR/best, e.g. 'auroc_mean',
+  # 'knn_auroc_mean', 'accuracy' or 'loss' (lower is better for names with 'loss').
+  # '' keeps no best checkpoint.
+  c.eval.best_metric = ''
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 100  # Steps between checkpoints (also saved at the end/SIGTERM).

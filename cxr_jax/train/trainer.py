@@ -8,11 +8,13 @@
   simclr      the same contrastive machinery with only the other view as positive.
   finetune    task training from a pretrained backbone, supervised loss;
               config.finetune.mode: linear (frozen backbone, linear head), mlp
-              (frozen backbone, MLP head) or full (everything trains, linear head).
+              (frozen backbone, MLP head), full (everything trains, linear head) or
+              lpft (a linear probe run, then full fine-tuning from it).
 
 Everything else is shared: the device mesh, initialisation from published weights
 or an earlier stage's workdir, the optimizer, exact resume from Orbax checkpoints
-(state and data position), SIGTERM handling, non-finite-loss stops, metrics.
+(state, data position and config), periodic evaluation with a kept best checkpoint
+(evaluator.py), SIGTERM handling, non-finite-loss stops, metrics.
 """
 
 import functools
@@ -31,6 +33,7 @@ from cxr_jax import models
 from cxr_jax.data import pipeline
 from cxr_jax.models import heads
 from cxr_jax.train import checkpointing
+from cxr_jax.train import evaluator as evaluator_lib
 from cxr_jax.train import losses
 from cxr_jax.train import metrics as metrics_lib
 from cxr_jax.train import optimizers
@@ -122,7 +125,8 @@ def build_network(config) -> heads.Network:
     mode_head, frozen = FINETUNE_MODES[config.finetune.mode]
     head_kind = config.head.kind or mode_head
   num_classes = config.head.num_classes if head_kind in ('linear', 'mlp') else 0
-  return heads.Network(backbone, heads.make_head(head_kind, num_classes),
+  head_args = {'bias_init_value': config.head.bias_init} if head_kind == 'linear' else {}
+  return heads.Network(backbone, heads.make_head(head_kind, num_classes, **head_args),
                        frozen_backbone=frozen)
 
 
@@ -135,28 +139,35 @@ def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
   if config.init.weights and config.init.workdir:
     raise ValueError('Set config.init.weights or config.init.workdir, not both.')
   if config.init.weights:
-    backbone = models.load_pretrained(network.backbone, config.init.weights)
+    loaded = {'backbone': models.load_pretrained(network.backbone, config.init.weights)}
   elif config.init.workdir:
-    backbone = backbone_from_workdir(config.init.workdir)
+    loaded = variables_from_workdir(config.init.workdir, head=config.init.head)
   else:
     return variables
-  for collection, tree in backbone.items():
-    expected = jax.tree.map(jnp.shape, variables[collection]['backbone'])
-    got = jax.tree.map(jnp.shape, tree)
-    if expected != got:
-      raise ValueError(f'Backbone from {config.init.weights or config.init.workdir} does not '
-                       f'fit {config.model_name} ({collection} shapes differ).')
-    variables[collection]['backbone'] = jax.tree.map(jnp.asarray, tree)
+  for part, part_variables in loaded.items():
+    for collection, tree in part_variables.items():
+      expected = jax.tree.map(jnp.shape, variables[collection][part])
+      got = jax.tree.map(jnp.shape, tree)
+      if expected != got:
+        raise ValueError(f'The {part} from {config.init.weights or config.init.workdir} does '
+                         f'not fit this run\'s {part} ({collection} shapes differ; model '
+                         f'{config.model_name}, head {config.head.kind or "default"}).')
+      variables[collection][part] = jax.tree.map(jnp.asarray, tree)
   return variables
 
 
-def backbone_from_workdir(workdir: str) -> Dict[str, Any]:
-  """The backbone variables of the latest checkpoint of an earlier stage's run."""
+def variables_from_workdir(workdir: str, head: bool = False) -> Dict[str, Dict[str, Any]]:
+  """{'backbone': variables[, 'head': variables]} of an earlier stage's latest checkpoint."""
   state, _, _ = checkpointing.read_checkpoint(workdir)
-  out = {'params': state['params']['backbone']}
-  for collection, tree in state['model_state'].items():
-    if 'backbone' in tree:
-      out[collection] = tree['backbone']
+  parts = ('backbone', 'head') if head else ('backbone',)
+  out = {}
+  for part in parts:
+    if part not in state['params']:
+      raise ValueError(f'The checkpoint in {workdir} has no {part} parameters.')
+    out[part] = {'params': state['params'][part]}
+    for collection, tree in state['model_state'].items():
+      if part in tree:
+        out[part][collection] = tree[part]
   return out
 
 
@@ -194,14 +205,53 @@ class _Preemption:
 # --- the loop -------------------------------------------------------------------------
 
 
+def linear_probe_then_finetune(config, workdir: str) -> State:
+  """LP-FT (Kumar et al., 2022): fit a linear head on the frozen backbone first, so that
+  full fine-tuning starts from a good head and distorts the pretrained features less.
+
+  The probe is its own run in WORKDIR/linear_probe (finetune.lp_steps steps, rate
+  finetune.lp_learning_rate); fine-tuning then starts from its backbone and head. Each
+  phase resumes on its own, so re-running the command continues wherever it stopped.
+  """
+  if config.finetune.lp_steps <= 0:
+    raise ValueError('finetune.mode=lpft needs finetune.lp_steps > 0 (the probe phase).')
+  probe = config.copy_and_resolve_references()
+  with probe.unlocked():
+    probe.finetune.mode = 'linear'
+    probe.total_steps = config.finetune.lp_steps
+    probe.optimizer.learning_rate = (config.finetune.lp_learning_rate
+                                     or config.optimizer.learning_rate)
+    probe.eval.best_metric = ''  # The fine-tuning phase keeps the best checkpoint.
+  probe_dir = os.path.join(workdir, 'linear_probe')
+  train(probe, probe_dir)
+  full = config.copy_and_resolve_references()
+  with full.unlocked():
+    full.finetune.mode = 'full'
+    full.init.weights, full.init.workdir, full.init.head = '', probe_dir, True
+  return train(full, workdir)
+
+
+def _with_resolved_findings(config, findings):
+  """The config saved with checkpoints names the findings its classifier predicts."""
+  if not findings or tuple(config.data.findings) == tuple(findings):
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.findings = tuple(findings)
+  return config
+
+
 def train(config, workdir: str) -> State:
   sharding.initialize_distributed()
   if config.trainer not in STAGES:
     raise ValueError(f'Unknown stage {config.trainer!r}; expected one of {sorted(STAGES)}.')
+  if config.trainer == 'finetune' and config.finetune.mode == 'lpft':
+    return linear_probe_then_finetune(config, workdir)
   mesh = sharding.make_mesh(config.mesh.fsdp, config.mesh.devices)
   network = build_network(config)
   data = pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
                                        seed=config.seed, train=True)
+  config = _with_resolved_findings(config, data.findings)
   classifier = isinstance(network.head, (heads.LinearHead, heads.MLPHead))
   if classifier and data.findings and config.head.num_classes != len(data.findings):
     raise ValueError(f'config.head.num_classes={config.head.num_classes}, but the data has '
@@ -230,6 +280,16 @@ def train(config, workdir: str) -> State:
 
   checkpoints = checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
+  evaluator, best = None, None
+  if config.eval.every:
+    evaluator = evaluator_lib.Evaluator(network, config, mesh)
+  if config.eval.best_metric:
+    if not evaluator:
+      raise ValueError(f'eval.best_metric={config.eval.best_metric!r} needs evaluations: '
+                       'set eval.every > 0.')
+    best = checkpointing.Checkpointer(
+        os.path.join(workdir, 'best'), keep=1, best_metric=config.eval.best_metric,
+        best_mode='min' if 'loss' in config.eval.best_metric else 'max')
   iterator = iter(data)
   if checkpoints.latest_step() is not None:
     abstract = jax.tree.map(
@@ -260,6 +320,8 @@ def train(config, workdir: str) -> State:
         values['learning_rate'] = schedule((step - 1) // accumulate)
         writer.write(step, values)
         progress.show(step, values)
+      if evaluator and (step % config.eval.every == 0 or last):
+        _evaluate(evaluator, state, step, writer, best, config)
       if checkpoint_due:
         checkpoints.save(step, state, iterator, config=config, force=True)
       if preempted:
@@ -267,10 +329,26 @@ def train(config, workdir: str) -> State:
         break
   finally:
     preemption.restore()
-    checkpoints.wait()
-    checkpoints.close()
+    for manager in (checkpoints, best):
+      if manager:
+        manager.wait()
+        manager.close()
     writer.close()
   return state
+
+
+def _evaluate(evaluator, state, step, writer, best, config) -> Dict[str, float]:
+  results = evaluator.run(state['params'], state['model_state'])
+  writer.write(step, {f'eval/{k}': v for k, v in results.items()})
+  logging.info('Evaluation at step %d: %s', step, results)
+  if best:
+    name = config.eval.best_metric
+    if name not in results:
+      raise ValueError(f'eval.best_metric={name!r} is not measured for this run; it has '
+                       f'{sorted(results)}.')
+    if np.isfinite(results[name]):  # An undefined metric never makes a checkpoint "best".
+      best.save(step, state, None, config=config, metrics={name: results[name]}, force=True)
+  return results
 
 
 for _name in STAGES:

@@ -14,12 +14,17 @@ import jax
 import numpy as np
 import pytest
 
+from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
+from cxr_jax.train import checkpointing
+from cxr_jax.train import evaluator
 from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NATURAL_PP = 'decode|random_crop(28)|flip_lr|value_range(-1, 1)'
 CXR_PP = 'decode|window|two_views|random_crop(28)|flip_lr|value_range(-1, 1, 0, 1)|rgb'
+FINDINGS = ('airspace_opacity', 'atelectasis', 'cardiomegaly', 'nodule', 'pleural_effusion',
+            'pneumothorax', 'tuberculosis')
 
 
 @pytest.fixture(scope='module')
@@ -77,7 +82,7 @@ def log_of(workdir):
 
 def final_params(workdir):
   """The params of the latest checkpoint, as a flat dict of NumPy arrays."""
-  backbone = trainer.backbone_from_workdir(str(workdir))
+  backbone = trainer.variables_from_workdir(str(workdir))['backbone']
   return {'/'.join(map(str, k)): np.asarray(v) for k, v in
           flax.traverse_util.flatten_dict(backbone['params']).items()}
 
@@ -89,18 +94,23 @@ def read_metrics(workdir):
 
 def test_stages_chain_and_report(data_dir, tmp_path):
   generic = tmp_path / 'generic'
-  state = trainer.train(config_for('supervised', overrides(data_dir)), str(generic))
+  state = trainer.train(config_for('supervised', overrides(data_dir, **{
+      'eval.every': 6, 'eval.split': 'test',
+      'data.pp_eval': 'decode|central_crop(28)|value_range(-1, 1)'})), str(generic))
   assert int(state['step']) == 6
   lines = read_metrics(generic)
-  assert [m['step'] for m in lines] == [1, 2, 3, 4, 5, 6]
+  assert [m['step'] for m in lines] == [1, 2, 3, 4, 5, 6, 6]
   assert {'loss', 'accuracy', 'grad_norm', 'learning_rate'} <= set(lines[0])
+  assert lines[-1]['eval/examples'] == 16 and 0 <= lines[-1]['eval/accuracy'] <= 1
   assert os.listdir(generic / 'tensorboard')
   cxr = tmp_path / 'cxr'
-  config = config_for('supcon', overrides(data_dir, 'supcon', total_steps=3))
+  config = config_for('supcon', overrides(data_dir, 'supcon', total_steps=3, **{
+      'eval.every': 3, 'data.pp_eval': 'decode|window|central_crop(28)|value_range(-1, 1, 0, 1)|rgb'}))
   config.init.workdir = str(generic)
   trainer.train(config, str(cxr))
-  assert [m['step'] for m in read_metrics(cxr)] == [1, 2, 3]
+  assert [m['step'] for m in read_metrics(cxr)] == [1, 2, 3, 3]
   assert read_metrics(cxr)[0]['anchors_without_positive'] == 0
+  assert 0 <= read_metrics(cxr)[-1]['eval/knn_auroc/cardiomegaly'] <= 1
   # SupCon started from the generic backbone, not from a fresh initialisation.
   fresh = trainer.initial_variables(trainer.build_network(config_for(
       'supcon', overrides(data_dir, 'supcon'))), config_for('supcon', overrides(
@@ -230,12 +240,8 @@ def test_finetune_modes_freeze_exactly_the_backbone(data_dir, tmp_path):
   generic = tmp_path / 'generic'
   trainer.train(config_for('supervised', overrides(data_dir, total_steps=2)), str(generic))
   start = final_params(generic)
-  cxr_flags = overrides(data_dir, 'supcon', total_steps=3, **{
-      'data.pp': 'decode|window|random_crop(28)|value_range(-1, 1, 0, 1)|rgb',
-      'head.num_classes': 7})
   for mode in ('linear', 'mlp', 'full'):
-    config = config_for('supcon', cxr_flags)
-    config.trainer, config.finetune.mode = 'finetune', mode
+    config = finetune_config(data_dir, mode, total_steps=3)
     config.init.workdir = str(generic)
     state = trainer.train(config, str(tmp_path / mode))
     backbone = final_params(tmp_path / mode)
@@ -244,8 +250,7 @@ def test_finetune_modes_freeze_exactly_the_backbone(data_dir, tmp_path):
     head = jax.device_get(state['params']['head'])
     assert ('hidden0' in head) == (mode == 'mlp')
     assert np.any(np.asarray(head['dense']['kernel']))  # The head trained (zero init).
-  config = config_for('supcon', {**cxr_flags, 'head.num_classes': 3})
-  config.trainer = 'finetune'
+  config = finetune_config(data_dir, 'linear', **{'head.num_classes': 3})
   with pytest.raises(ValueError, match='has 7 findings to predict'):
     trainer.train(config, str(tmp_path / 'mismatch'))
 
@@ -260,3 +265,92 @@ def test_gradient_accumulation_advances_the_schedule_per_update(data_dir, tmp_pa
   config.total_steps = 7
   with pytest.raises(ValueError, match='not a multiple of optimizer.accumulate_steps=2'):
     trainer.train(config, str(tmp_path / 'odd'))
+
+
+def finetune_config(data_dir, mode='linear', **extra):
+  flags = overrides(data_dir, 'supcon', **{
+      'data.pp': 'decode|window|random_crop(28)|value_range(-1, 1, 0, 1)|rgb',
+      'data.pp_eval': 'decode|window|central_crop(28)|value_range(-1, 1, 0, 1)|rgb',
+      'head.num_classes': 7, **extra})
+  config = config_for('supcon', flags)
+  config.trainer, config.finetune.mode = 'finetune', mode
+  return config
+
+
+def test_evaluation_keeps_the_best_checkpoint_and_records_the_findings(data_dir, tmp_path):
+  config = finetune_config(data_dir, 'full', total_steps=4, **{
+      'eval.every': 2, 'eval.best_metric': 'loss', 'optimizer.learning_rate': 0.05})
+  trainer.train(config, str(tmp_path))
+  evals = [m for m in read_metrics(tmp_path) if 'eval/loss' in m]
+  assert [m['step'] for m in evals] == [2, 4]
+  source, _ = pipeline.open_source(config.data.name, 'validation', data_dir)
+  assert evals[0]['eval/examples'] == len(source)  # Padded last batch, nothing dropped.
+  assert {f'eval/auroc/{f}' for f in FINDINGS} <= set(evals[0])
+  best_step = min(evals, key=lambda m: m['eval/loss'])['step']
+  state, saved_config, step = checkpointing.read_checkpoint(str(tmp_path), best=True)
+  assert step == best_step
+  assert tuple(saved_config.data.findings) == FINDINGS  # Resolved from the dataset.
+  assert sorted(os.listdir(tmp_path / 'best')) == [str(best_step)]
+  config.eval.best_metric = 'auroc/nodule_typo'
+  with pytest.raises(ValueError, match="best_metric='auroc/nodule_typo' is not measured"):
+    trainer.train(config, str(tmp_path / 'typo'))
+
+
+def test_knn_scores_rank_a_separable_label_first():
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0.0, 1.0], 30)[:, None]
+  centres = np.where(labels > 0, np.eye(8)[1], np.eye(8)[0])
+  embeddings = rng.normal(size=(60, 8)) + 10 * centres  # Two directions (kNN is cosine).
+  scores = evaluator.knn_scores(embeddings, labels, k=5)
+  assert scores[:30].max() < scores[30:].min()
+  mask = np.ones_like(labels)
+  mask[30:] = 0  # Unknown labels are no evidence; with none at all the score is 0.5.
+  masked = evaluator.knn_scores(embeddings, labels, mask, k=5)
+  np.testing.assert_array_equal(masked[:30], 0.0)
+  np.testing.assert_array_equal(masked[30:], 0.5)
+
+
+@pytest.mark.slow
+def test_lpft_probes_then_fine_tunes_from_the_probe(data_dir, tmp_path):
+  config = finetune_config(data_dir, 'lpft', total_steps=2, **{
+      'finetune.lp_steps': 3, 'finetune.lp_learning_rate': 0.1})
+  trainer.train(config, str(tmp_path))
+  probe_state, probe_config, probe_step = checkpointing.read_checkpoint(
+      str(tmp_path / 'linear_probe'))
+  assert probe_step == 3 and probe_config.finetune.mode == 'linear'
+  assert probe_config.optimizer.learning_rate == 0.1
+  _, full_config, full_step = checkpointing.read_checkpoint(str(tmp_path))
+  assert full_step == 2 and full_config.finetune.mode == 'full' and full_config.init.head
+  # Fine-tuning started from the probe's head, which had trained away from zero.
+  start = trainer.initial_variables(trainer.build_network(full_config), full_config,
+                                    jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(start['params']['head']['dense']['kernel'],
+                                probe_state['params']['head']['dense']['kernel'])
+  assert np.any(probe_state['params']['head']['dense']['kernel'])
+  config.finetune.lp_steps = 0
+  with pytest.raises(ValueError, match='needs finetune.lp_steps > 0'):
+    trainer.train(config, str(tmp_path / 'no_probe'))
+
+
+@pytest.mark.slow
+def test_frozen_backbone_run_resumes_exactly(data_dir, tmp_path):
+  # A constant rate makes a 3-step run the prefix of the 5-step one, so extending it
+  # resumes mid-schedule (frozen backbone: no optimizer state for it; MLP batch stats).
+  run = lambda steps, name: trainer.train(finetune_config(data_dir, 'mlp', **{
+      'total_steps': steps, 'optimizer.schedule.name': 'constant'}), str(tmp_path / name))
+  run(5, 'straight')
+  run(3, 'resumed')
+  run(5, 'resumed')
+  a, _, _ = checkpointing.read_checkpoint(str(tmp_path / 'straight'))
+  b, _, _ = checkpointing.read_checkpoint(str(tmp_path / 'resumed'))
+  flat_a, flat_b = (flax.traverse_util.flatten_dict(s['params']) for s in (a, b))
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
+
+
+def test_head_bias_init(data_dir):
+  config = finetune_config(data_dir, 'full', **{'head.bias_init': -2.0})
+  variables = trainer.initial_variables(trainer.build_network(config), config,
+                                        jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(variables['params']['head']['dense']['bias'], -2.0)
