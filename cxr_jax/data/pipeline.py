@@ -12,6 +12,7 @@ integer `label`.
 """
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -47,6 +48,30 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None):
     raise ValueError(f'Dataset {name!r} has no split {split!r}; it has '
                      f'{sorted(builder.info.splits)} ({e}).') from None
   return source, builder.info
+
+
+class Subset:
+  """The records of `source` at `indices`, in that order (label-budget experiments)."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1 or not len(indices):
+      raise ValueError('A subset needs a non-empty list of record indices.')
+    bad = indices[(indices < 0) | (indices >= len(source))]
+    if len(bad):
+      raise ValueError(f'Record indices {bad[:5].tolist()} are outside the source\'s '
+                       f'{len(source)} records.')
+    self.source, self.indices = source, indices
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, index):
+    return self.source[int(self.indices[index])]
+
+  def __repr__(self):  # Grain checks that a restored iterator reads the same source.
+    digest = hashlib.sha1(self.indices.tobytes()).hexdigest()[:12]
+    return f'Subset({self.source!r}, {len(self)} records, indices sha1 {digest})'
 
 
 def findings_of(info) -> Sequence[str]:
@@ -168,6 +193,8 @@ def pipeline_from_config(data_config, *, batch_size: int, seed: int, train: bool
   """The pipeline a recipe's `config.data` (or an evaluator's data section) describes."""
   source, info = open_source(data_config.name, split or data_config.split,
                              data_config.get('data_dir'))
+  if train and data_config.get('records'):
+    source = Subset(source, data_config.records)
   return make_pipeline(
       source, pp=data_config.pp, batch_size=batch_size, seed=seed, shuffle=train,
       num_epochs=None if train else 1, drop_remainder=train,

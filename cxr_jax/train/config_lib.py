@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = ''  # TFDS name, e.g. 'synthetic_cxr/site_a'.
   c.data.split = 'train'
+  # Train on only these record indices of the split (label budgets); () = all of it.
+  c.data.records = ()
   c.data.data_dir = ''  # TFDS data directory; '' = TFDS's default (~/tensorflow_datasets).
   c.data.pp = 'decode|value_range(-1, 1)|rgb'  # Preprocessing string (transforms.py).
   # Deterministic preprocessing for evaluation, embedding and export (no augmentation).

@@ -84,6 +84,14 @@ def test_epochs_cover_every_record_and_repeat():
   assert sorted(seen[:40]) == list(range(40)) and sorted(seen[40:]) == list(range(40))
 
 
+def test_a_subset_reads_only_its_records():
+  subset = pipeline.Subset(PngSource(), [5, 17, 3, 30])
+  seen = sum(ids(take(iter(make(subset, batch_size=4)), 3)), [])
+  assert sorted(seen[:4]) == sorted(seen[4:8]) == [3, 5, 17, 30]
+  with pytest.raises(ValueError, match=r'Record indices \[40\] are outside'):
+    pipeline.Subset(PngSource(), [0, 40])
+
+
 def test_processes_read_disjoint_shards():
   shards = [sum(ids(take(iter(make(batch_size=8, process_index=p, process_count=2)), 5)), [])
             for p in (0, 1)]
