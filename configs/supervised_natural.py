@@ -20,8 +20,8 @@ def get_config():
   c.data.pp = 'decode|inception_crop(48, area_min=40)|flip_lr|value_range(-1, 1)'
   c.data.pp_eval = 'decode|resize_small(56)|central_crop(48)|value_range(-1, 1)'
   c.optimizer.name = 'sgd'
-  c.optimizer.learning_rate = 0.03  # BiT: 0.03 per 512 images, scaled to the batch.
-  c.optimizer.lr_reference_batch = 512
+  c.optimizer.learning_rate = 0.03  # BiT upstream: 0.03 per 256 images, scaled to the batch.
+  c.optimizer.lr_reference_batch = 256
   c.optimizer.schedule.name = 'cosine'
   c.optimizer.schedule.warmup_steps = 100
   return c
