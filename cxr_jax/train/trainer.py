@@ -109,7 +109,10 @@ STAGES: Dict[str, Tuple[Callable, str]] = {
     'simclr': (simclr_loss, 'projection'),
     'finetune': (supervised_loss, 'linear'),
 }
-FINETUNE_MODES = {'linear': ('linear', True), 'mlp': ('mlp', True), 'full': ('linear', False)}
+# mode: (head, frozen backbone). lpft's network is full fine-tuning's; train() runs its
+# linear-probe phase first (linear_probe_then_finetune).
+FINETUNE_MODES = {'linear': ('linear', True), 'mlp': ('mlp', True), 'full': ('linear', False),
+                  'lpft': ('linear', False)}
 
 
 # --- building the run -----------------------------------------------------------------
@@ -294,7 +297,10 @@ def train(config, workdir: str) -> State:
   if checkpoints.latest_step() is not None:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-    state = checkpoints.restore(abstract, iterator)
+    try:
+      state = checkpoints.restore(abstract, iterator)
+    except ValueError as e:
+      raise ValueError(_mismatch_message(workdir, config, e)) from None
     logging.info('Resumed from step %d in %s', int(state['step']), workdir)
   start = int(state['step'])
 
@@ -335,6 +341,21 @@ def train(config, workdir: str) -> State:
         manager.close()
     writer.close()
   return state
+
+
+def _mismatch_message(workdir, config, error) -> str:
+  """Why a checkpoint does not fit this run: the config fields that differ, if known."""
+  try:
+    _, saved, step = checkpointing.read_checkpoint(workdir)
+    old = flax.traverse_util.flatten_dict(saved.to_dict(), sep='.')
+    new = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+    changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+               if str(old.get(k)) != str(new.get(k)) and not k.startswith('data.findings')]
+  except Exception:  # pylint: disable=broad-except
+    changed, step = [], '?'
+  return (f'{workdir} holds a checkpoint (step {step}) of a run this config cannot resume: '
+          f'its state does not fit ({str(error).splitlines()[0]}). Changed config fields: '
+          f'{"; ".join(changed) or "unknown"}. Use a new --workdir, or the old config.')
 
 
 def _evaluate(evaluator, state, step, writer, best, config) -> Dict[str, float]:

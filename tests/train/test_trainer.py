@@ -354,3 +354,11 @@ def test_head_bias_init(data_dir):
   variables = trainer.initial_variables(trainer.build_network(config), config,
                                         jax.random.PRNGKey(0))
   np.testing.assert_array_equal(variables['params']['head']['dense']['bias'], -2.0)
+
+
+def test_resuming_with_an_incompatible_config_names_what_changed(data_dir, tmp_path):
+  trainer.train(config_for('supervised', overrides(data_dir, total_steps=2)), str(tmp_path))
+  config = config_for('supervised', overrides(data_dir, total_steps=4))
+  config.optimizer.name = 'adamw'  # Different optimizer state.
+  with pytest.raises(ValueError, match=r"cannot resume.*optimizer.name: 'sgd' -> 'adamw'"):
+    trainer.train(config, str(tmp_path))
