@@ -48,15 +48,25 @@ class MLPHead(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-  """MLP to a small L2-normalised vector that contrastive losses compare (SupCon: 128-d)."""
+  """MLP to a small L2-normalised vector that contrastive losses compare (SupCon: 128-d).
+
+  Batch norm after each layer, as in SimCLR v2. It removes the component that every
+  image's projection shares: with plain biased layers, early training can grow that
+  component until all projections point one way (every cosine near 1, the loss at its
+  uniform value) and the gradients that would separate images vanish; we saw exactly
+  that on small CXR runs.
+  """
   hidden: int = 2048
   features: int = 128
 
   @nn.compact
   def __call__(self, embedding, train: bool = False):
-    del train
-    x = nn.relu(nn.Dense(self.hidden, name='hidden')(embedding.astype(jnp.float32)))
-    x = nn.Dense(self.features, name='output')(x)
+    norm = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                           name=name, **kw)
+    x = nn.Dense(self.hidden, use_bias=False, name='hidden')(embedding.astype(jnp.float32))
+    x = nn.relu(norm('hidden_norm')(x))
+    x = nn.Dense(self.features, use_bias=False, name='output')(x)
+    x = norm('output_norm', use_scale=False)(x)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 

@@ -47,13 +47,18 @@ class Progress:
   def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
     self.total, self.batch_size = total_steps, batch_size
     self._last_step, self._last_time = start_step, time.perf_counter()
+    self._first = True
 
   def line(self, step: int, metrics: Dict[str, float]) -> str:
     now = time.perf_counter()
-    rate = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
-    self._last_step, self._last_time = step, now
-    eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
+    elapsed = now - self._last_time
+    rate = (step - self._last_step) * self.batch_size / max(elapsed, 1e-9)
+    first = self._first
+    self._last_step, self._last_time, self._first = step, now, False
     shown = '  '.join(f'{k} {float(v):.4g}' for k, v in metrics.items())
+    if first:  # Its time is mostly compilation; a rate or ETA from it would mislead.
+      return f'step {step}/{self.total}  {shown}  first step (compiling) {elapsed:.1f}s'
+    eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
     return (f'step {step}/{self.total}  {shown}  {rate:.1f} img/s  '
             f'ETA {int(eta // 60)}m{int(eta % 60):02d}s')
 
