@@ -388,3 +388,36 @@ def mixup(alpha: float = 0.2):
       out['label_mask'] = batch['label_mask'] * batch['label_mask'][::-1]
     return out
   return fn
+
+
+# --- text ----------------------------------------------------------------------------
+
+
+@OPS.register('tokenize')
+def tokenize(path: str, max_len: int = 128, sections: str = ''):
+  """Report -> `text` int32 [max_len]: `<bos> subwords <eos>` then zeros (image-text training).
+
+  Reads `example['report']` (str or UTF-8 bytes), keeps `sections` of it ('findings',
+  'impression', 'both', 'all'; '' = those the tokenizer was trained on) and encodes it
+  with the tokenizer file at `path` (cxr_jax/text/tokenizer.py), loaded once per process.
+  A report without the wanted section falls back to what it has; the first such report
+  is logged and all are counted in `cxr_jax.text.tokenizer.SECTION_FALLBACKS`.
+  """
+  from cxr_jax.text import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if not isinstance(max_len, int) or max_len < 2:
+    raise ValueError(f'max_len must be an integer of at least 2 (<bos> and <eos>), got '
+                     f'{max_len!r}')
+  tokenizer = tokenizer_lib.load_cached(path)
+  sections = sections or tokenizer.sections
+  if sections not in tokenizer_lib.SECTIONS:
+    raise ValueError(f'sections must be one of {tokenizer_lib.SECTIONS} or "", got '
+                     f'{sections!r}')
+
+  def fn(example, rng):
+    del rng
+    if 'report' not in example:
+      raise KeyError(f'tokenize: the example has no report (it has {sorted(example)}); '
+                     'image-text training needs a dataset with reports.')
+    text = tokenizer_lib.report_text(example['report'], sections)
+    return {**example, 'text': tokenizer.encode([text], max_len)[0]}
+  return fn

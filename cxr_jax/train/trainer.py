@@ -6,6 +6,8 @@
               any shared finding, or Jaccard overlap (config.loss.positives);
               projection head, discarded afterwards.
   simclr      the same contrastive machinery with only the other view as positive.
+  image_text  images against their reports (image_text.py): symmetric InfoNCE with a
+              learned temperature, optionally plus SimCLR/SupCon on the images.
   finetune    task training from a pretrained backbone, supervised loss;
               config.finetune.mode: linear (frozen backbone, linear head), mlp
               (frozen backbone, MLP head), full (everything trains, linear head) or
@@ -34,6 +36,7 @@ from cxr_jax.data import pipeline
 from cxr_jax.models import heads
 from cxr_jax.train import checkpointing
 from cxr_jax.train import evaluator as evaluator_lib
+from cxr_jax.train import image_text
 from cxr_jax.train import losses
 from cxr_jax.train import metrics as metrics_lib
 from cxr_jax.train import optimizers
@@ -108,6 +111,8 @@ STAGES: Dict[str, Tuple[Callable, str]] = {
     'supcon': (supcon_loss, 'projection'),
     'simclr': (simclr_loss, 'projection'),
     'finetune': (supervised_loss, 'linear'),
+    # Image-text contrastive pretraining; its network and loss live in image_text.py.
+    'image_text': (image_text.loss_fn, ''),
 }
 # mode: (head, frozen backbone). lpft's network is full fine-tuning's; train() runs its
 # linear-probe phase first (linear_probe_then_finetune).
@@ -119,6 +124,8 @@ FINETUNE_MODES = {'linear': ('linear', True), 'mlp': ('mlp', True), 'full': ('li
 
 
 def build_network(config) -> heads.Network:
+  if config.trainer == 'image_text':
+    return image_text.build_network(config)
   backbone = models.build_model(config, num_classes=None)
   head_kind, frozen = config.head.kind or STAGES[config.trainer][1], False
   if config.trainer == 'finetune':
@@ -135,6 +142,8 @@ def build_network(config) -> heads.Network:
 
 def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
   """Fresh init, then the backbone from published weights or an earlier stage's run."""
+  if config.trainer == 'image_text':
+    return image_text.initial_variables(network, config, rng)
   size = config.init_image_size
   variables = jax.jit(lambda r: network.init(
       r, jnp.zeros((1, size, size, 3), jnp.float32), train=False))(rng)
@@ -255,7 +264,7 @@ def train(config, workdir: str) -> State:
   data = pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
                                        seed=config.seed, train=True)
   config = _with_resolved_findings(config, data.findings)
-  classifier = isinstance(network.head, (heads.LinearHead, heads.MLPHead))
+  classifier = isinstance(getattr(network, 'head', None), (heads.LinearHead, heads.MLPHead))
   if classifier and data.findings and config.head.num_classes != len(data.findings):
     raise ValueError(f'config.head.num_classes={config.head.num_classes}, but the data has '
                      f'{len(data.findings)} findings to predict: {list(data.findings)}.')
@@ -264,7 +273,7 @@ def train(config, workdir: str) -> State:
   variables = initial_variables(network, config, init_rng)
   params = variables.pop('params')
   optimizer_config = config.optimizer
-  if network.frozen_backbone:  # No optimizer state for what cannot change.
+  if getattr(network, 'frozen_backbone', False):  # No optimizer state for what cannot change.
     optimizer_config = optimizer_config.copy_and_resolve_references()
     with optimizer_config.unlocked():
       optimizer_config.freeze = '^backbone/'
