@@ -130,11 +130,26 @@ def _size_pair(size) -> Tuple[int, int]:
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Area averaging when no side grows, bilinear otherwise; reproducible bit for bit.
+
+  OpenCV's plain INTER_LINEAR on 8/16-bit images uses SIMD-dependent fixed point and
+  its integer INTER_AREA rounds float32 sums, so results could differ between machines
+  and from the exported SavedModel's in-graph resize. Integer images are therefore
+  area-averaged in float64 and rounded half to even, and enlarged with
+  INTER_LINEAR_EXACT (OpenCV's bit-exact fixed point).
+  """
   if image.shape[:2] == (height, width):
     return image
-  shrinking = height * width < image.shape[0] * image.shape[1]
-  out = cv2.resize(image, (width, height),
-                   interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+  integer = np.issubdtype(image.dtype, np.integer)
+  if height <= image.shape[0] and width <= image.shape[1]:
+    out = cv2.resize(image.astype(np.float64) if integer else image, (width, height),
+                     interpolation=cv2.INTER_AREA)
+    if integer:
+      info = np.iinfo(image.dtype)
+      out = np.clip(np.rint(out), info.min, info.max).astype(image.dtype)
+  else:
+    out = cv2.resize(image, (width, height),
+                     interpolation=cv2.INTER_LINEAR_EXACT if integer else cv2.INTER_LINEAR)
   return out.reshape(height, width, image.shape[2])  # cv2 drops a single channel axis.
 
 
@@ -358,6 +373,21 @@ def gamma(lower: float = 0.8, upper: float = 1.25):
 # --- keys ----------------------------------------------------------------------------
 
 
+@OPS.register('onehot')
+def onehot(num_classes: int):
+  """Integer class `label` -> float32 one-hot [num_classes] (needed by mixup)."""
+  if int(num_classes) != num_classes or num_classes < 2:
+    raise ValueError(f'num_classes must be an integer >= 2, got {num_classes!r}')
+
+  def fn(example, rng):
+    del rng
+    label = int(example['label'])
+    if not 0 <= label < num_classes:
+      raise ValueError(f'onehot({num_classes}): label {label} is out of range')
+    return {**example, 'label': np.eye(num_classes, dtype=np.float32)[label]}
+  return fn
+
+
 @OPS.register('keep')
 def keep(*keys: str):
   """Keeps only these keys (drops e.g. report text before batching)."""
@@ -383,7 +413,13 @@ def mixup(alpha: float = 0.2):
     weight = np.float32(rng.beta(alpha, alpha))
     out = dict(batch)
     out['image'] = weight * batch['image'] + (1 - weight) * batch['image'][::-1]
-    out['labels'] = weight * batch['labels'] + (1 - weight) * batch['labels'][::-1]
+    # Class labels must be one-hot (the `onehot` op) to mix; CXR findings are mixed as is.
+    key = 'labels' if 'labels' in batch else 'label'
+    if key not in batch or not np.issubdtype(batch[key].dtype, np.floating):
+      raise ValueError(f'mixup needs float `labels` (CXR findings) or one-hot `label` (put '
+                       f'onehot(NUM_CLASSES) in the preprocessing string); the batch has '
+                       f'{ {k: str(v.dtype) for k, v in batch.items()} }.')
+    out[key] = weight * batch[key] + (1 - weight) * batch[key][::-1]
     if 'label_mask' in batch:  # A label counts only where both mixed examples know it.
       out['label_mask'] = batch['label_mask'] * batch['label_mask'][::-1]
     return out
