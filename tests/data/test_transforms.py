@@ -117,3 +117,19 @@ def test_mixup_mixes_images_labels_and_masks():
   assert 0 < weight < 1
   np.testing.assert_allclose(out['labels'][0], weight)  # Image and label mixed alike.
   np.testing.assert_array_equal(out['label_mask'], [[0.], [0.]])
+
+
+def test_mixup_of_classes_needs_onehot_labels():
+  examples = [run('onehot(3)', np.full((2, 2, 1), v, np.float32), label=np.int64(v))
+              for v in (0, 2)]
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  np.testing.assert_array_equal(batch['label'], [[1, 0, 0], [0, 0, 1]])
+  out = transforms.BatchPreprocess('mixup(0.4)')(batch, np.random.default_rng(0))
+  weight = 1 - out['image'][0].mean() / 2  # Image 0 is 0, image 1 is 2.
+  np.testing.assert_allclose(out['label'][0], [weight, 0, 1 - weight], rtol=1e-6)
+  with pytest.raises(ValueError, match='put onehot'):
+    transforms.BatchPreprocess('mixup(0.4)')({'image': batch['image'],
+                                              'label': np.array([0, 2])},
+                                             np.random.default_rng(0))
+  with pytest.raises(ValueError, match='label 3 is out of range'):
+    run('onehot(3)', np.zeros((2, 2, 1)), label=np.int64(3))
