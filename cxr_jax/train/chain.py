@@ -1,0 +1,109 @@
+"""Runs several recipes in order, each in its own sub-directory, each feeding the next.
+
+A chain config has
+  synthetic  datasets to generate first: name -> ConfigDict(kind='cxr'|'natural',
+             args=ConfigDict of `make_cxr_config` / `make_natural_config` arguments);
+  data_dir   where they are written (TFDS data directory);
+  order      the stage names, in order;
+  stages     name -> a complete recipe config (any trainer, `chain` excepted).
+
+In a stage's config, a string '@NAME' stands for what NAME refers to: a synthetic
+dataset's TFDS name (in `data.name`, say) or an earlier stage's workdir (in
+`init.workdir`, say), and '@data_dir' for `data_dir`. Each stage runs in WORKDIR/NAME
+with the same trainer it would run with on its own, so re-running the chain resumes
+every stage where it stopped and skips those that are done.
+
+Datasets are generated in a subprocess: building imports TensorFlow, which must not
+share a process with training.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict
+
+from absl import logging
+import ml_collections
+
+from cxr_jax.train.registry import TRAINERS
+
+_BUILD_SCRIPT = '''
+import json, sys
+from cxr_jax.data.builders import synthetic
+specs = json.loads(sys.argv[1])
+names = {}
+for name, spec in specs.items():
+  make = synthetic.make_cxr_config if spec['kind'] == 'cxr' else synthetic.make_natural_config
+  names[name] = synthetic.prepare(make(**spec['args']), sys.argv[2])
+print(json.dumps(names))
+'''
+
+
+def build_synthetic(specs: Dict[str, dict], data_dir: str) -> Dict[str, str]:
+  """Generates the datasets `specs` describes (unless present); returns their TFDS names."""
+  for name, spec in specs.items():
+    if spec.get('kind') not in ('cxr', 'natural'):
+      raise ValueError(f"synthetic.{name}.kind must be 'cxr' or 'natural', got "
+                       f"{spec.get('kind')!r}.")
+  os.makedirs(data_dir, exist_ok=True)
+  log_path = os.path.join(data_dir, 'build.log')
+  with open(log_path, 'a') as log:  # A file, not a pipe, so a chatty build cannot block.
+    result = subprocess.run([sys.executable, '-c', _BUILD_SCRIPT, json.dumps(specs), data_dir],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+  if result.returncode:
+    with open(log_path) as f:
+      tail = f.read()[-3000:]
+    raise RuntimeError(f'Generating the synthetic datasets failed; see {log_path}:\n{tail}')
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def resolve(config: ml_collections.ConfigDict, references: Dict[str, str]
+            ) -> ml_collections.ConfigDict:
+  """A copy of `config` with every '@NAME' string replaced by references[NAME]."""
+  resolved = config.copy_and_resolve_references()
+
+  def visit(node, path):
+    for key in list(node.keys()):
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        visit(value, f'{path}.{key}')
+      elif isinstance(value, str) and value.startswith('@'):
+        if value[1:] not in references:
+          raise ValueError(f'{path}.{key}={value!r} refers to nothing; known: '
+                           f'{sorted("@" + r for r in references)}.')
+        node[key] = references[value[1:]]
+
+  with resolved.unlocked():
+    visit(resolved, 'config')
+  return resolved
+
+
+def run_chain(config, workdir: str):
+  unknown = [n for n in config.order if n not in config.stages]
+  if unknown:
+    raise ValueError(f'config.order names stages {unknown} that config.stages lacks; it has '
+                     f'{sorted(config.stages)}.')
+  data_dir = os.path.abspath(os.path.expanduser(config.data_dir or
+                                                os.path.join(workdir, 'tensorflow_datasets')))
+  references = {'data_dir': data_dir}
+  if config.synthetic:
+    logging.info('Preparing synthetic datasets in %s', data_dir)
+    references.update(build_synthetic(config.synthetic.to_dict(), data_dir))
+  results = {}
+  for name in config.order:
+    stage = resolve(config.stages[name], references)
+    if stage.trainer == 'chain' or stage.trainer not in TRAINERS:
+      raise ValueError(f'Stage {name!r} has trainer {stage.trainer!r}; expected one of '
+                       f'{[t for t in TRAINERS.names() if t != "chain"]}.')
+    stage_dir = os.path.join(workdir, name)
+    os.makedirs(stage_dir, exist_ok=True)
+    with open(os.path.join(stage_dir, 'config.json'), 'w') as f:
+      f.write(stage.to_json_best_effort(indent=2, sort_keys=True))
+    print(f'=== stage {name} ({stage.trainer}) in {stage_dir}', file=sys.stderr, flush=True)
+    results[name] = TRAINERS.get(stage.trainer)(stage, stage_dir)
+    references[name] = stage_dir
+  return results
+
+
+TRAINERS.add('chain', run_chain)
