@@ -5,7 +5,13 @@
   probe.save('probe.npz'); probe = load('probe.npz')
 
   python -m cxr_jax.probe --train train.npz --eval test.npz --output DIR \\
-      [--kind linear|mlp] [--findings a,b] [--budget N --seed S] [--uncertain ignore]
+      [--kind linear|mlp] [--findings a,b] [--budget N --seed S] [--uncertain ignore] \\
+      [--config '{"class_weight": "balanced"}']
+
+The command line reads embeddings files (or shard directories) with
+`cxr_jax.embed.load_embeddings`, turns the stored label codes into labels and a mask
+with `LabelPolicy`, trains on all (or --budget drawn) training rows, and writes
+DIR/probe.npz, DIR/predictions.npz and DIR/metrics.json (AUROC per finding).
 
 What is fitted. Labels are 0/1 per finding with a mask (1 where the label is known);
 a masked entry never reaches the loss, whatever its label. Features are standardised
@@ -26,19 +32,22 @@ means C = 1, sklearn's default. It is solved to its optimum by full-batch L-BFGS
 finding's own (the terms share no parameters), in one jit: an iteration reads the
 features once for all findings (a matrix product) where sklearn, fitted one finding at
 a time, reads them K times (matrix-vector products). It stops when every finding's
-largest gradient entry is below `tol` (sklearn's lbfgs criterion); a warning names
-the findings that did not get there within `max_iter`. L-BFGS works in preconditioned variables
-(`_solve_linear`), which cuts the iterations several-fold on correlated embeddings.
-The kernel is optimised as [K, D] and stored in `LinearHead`'s [D, K] layout: XLA:CPU
-computes the gradient of x @ W about 5x faster with W as [K, D] (BENCHMARKS.md). No
-validation data is used: the L2 penalty is the regulariser and the optimum is unique.
+largest gradient entry is below `tol` (sklearn's lbfgs criterion); a warning names the
+findings that did not get there within `max_iter`. L-BFGS works in preconditioned
+variables (`_solve_linear`), which cuts the iterations several-fold on correlated
+embeddings. The kernel is optimised as [K, D] and stored in `LinearHead`'s [D, K]
+layout: XLA:CPU computes the gradient of x @ W about 5x faster with W as [K, D]
+(BENCHMARKS.md). No validation data is used: the L2 penalty is the regulariser and the
+optimum is unique.
 
-MLP probe: the recipe of the published CXR Foundation notebooks, `MLPHead` (hidden
-[512, 256] with batch norm, ReLU and dropout; one output per finding on a shared
-trunk), L2 on the kernels, minibatch Adam with cosine learning-rate decay. After each
-epoch the validation loss or mean AUROC is measured; training stops after `patience`
-epochs without improvement and the best epoch's parameters (and batch statistics)
-are restored. Validation data is the `validation` argument or, when none is given, a
+MLP probe: the recipe of the published CXR Foundation notebooks (google-health/
+cxr-foundation, train_data_efficient_classifier: hidden layers [512, 256] with batch
+norm and dropout, L2 on the kernels, cosine learning-rate decay, batch 512, up to 100
+epochs) on the project's `MLPHead` (which puts batch norm before the ReLU; one output
+per finding on a shared trunk), trained by minibatch Adam. After each epoch the
+validation loss or mean AUROC is measured; training stops after `patience` epochs
+without improvement and the best epoch's parameters (and batch statistics) are
+restored. Validation data is the `validation` argument or, when none is given, a
 seeded `validation_fraction` of the training examples held out.
 
 A finding with a single class among its labelled training examples is an error that
@@ -76,7 +85,8 @@ EARLY_STOPPING = ('loss', 'auroc')
 FORMAT_VERSION = 1
 # Rows per predict call: bounded memory, and one compiled shape for any N.
 _PREDICT_CHUNK = 8192
-# Covariance eigenpairs in the linear probe's preconditioner.
+# Covariance eigenpairs in the linear probe's preconditioner (more cut iterations at
+# N=100,000 until about 256; see BENCHMARKS.md).
 _PRECONDITIONER_RANK = 256
 # Metadata an embeddings file may carry; the CLI copies it into predictions.npz.
 _METADATA_KEYS = ('patient_id', 'study_id', 'sex', 'age', 'view', 'site')
@@ -424,7 +434,7 @@ def _orthonormal_columns(matrix: np.ndarray) -> np.ndarray:
   Gram matrix (LAPACK's QR slowed down 30x under thread contention here; this did not)."""
   matrix = matrix.astype(np.float64)
   values, vectors = np.linalg.eigh(matrix.T @ matrix)
-  keep = values > values.max() * 1e-12
+  keep = values > values.max(initial=0.0) * 1e-12
   return (matrix @ (vectors[:, keep] / np.sqrt(values[keep]))).astype(np.float32)
 
 

@@ -101,6 +101,17 @@ def test_linear_probe_matches_sklearn(class_weight, l2):
   assert max(fitted.history['max_abs_gradient']) < 1e-6
 
 
+def test_findings_are_fitted_independently():
+  # Nine findings (three, each three times with its own mask) must give the same
+  # heads as the three alone: no finding's fit depends on the others trained with it.
+  x, y = structured_embeddings(600, seed=8)
+  mask = (np.random.default_rng(1).uniform(size=(600, 9)) > 0.1).astype(np.float32)
+  alone = [probe.fit(x, y, mask[:, 3 * i:3 * i + 3], config={'tol': 1e-6}).predict(x)
+           for i in range(3)]
+  together = probe.fit(x, np.tile(y, 3), mask, config={'tol': 1e-6}).predict(x)
+  np.testing.assert_allclose(together, np.concatenate(alone, axis=1), atol=2e-4)
+
+
 def test_masked_labels_do_not_matter():
   x, y = structured_embeddings(600, seed=3)
   mask = (np.random.default_rng(0).uniform(size=y.shape) > 0.3).astype(np.float32)
