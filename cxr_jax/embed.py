@@ -26,6 +26,20 @@ model and data the file came from. An `--output` ending in .npz is one file; any
 other is a directory of shards `embeddings-00000-of-000NN.npz`, `--shard_size`
 images each.
 
+An image-text run's files also hold 'image_embedding' float32 [N, E], the image in
+the joint image-text space (what zero-shot scoring compares with text embeddings).
+Such a run embeds texts too:
+
+    python -m cxr_jax.embed --model RUN_OR_SAVEDMODEL --texts prompts.txt --output t.npz
+
+`--texts` is a text file (UTF-8, one text per line) or a CSV file, FILE.csv[:COLUMN]
+(default column 'text'). The .npz holds 'text_embedding' float32 [N, E]
+(L2-normalised), 'text' str [N], 'id' str [N] (the text's line number in the file, or
+its CSV row number with the header as row 1) and 'embed_spec'. Texts are encoded as
+given, with the run's tokenizer (a SavedModel carries it in its assets). An empty line
+or cell, a missing column, or a model without a text tower stops the run with an
+error naming the file, line or model.
+
 Resuming: each file is written to a temporary name and renamed when complete, so a
 file that exists is whole. A re-run keeps files whose 'embed_spec' matches and
 computes only the missing ones, with the same batches as before, so the result is
@@ -93,6 +107,18 @@ class SavedModelEmbedder:
   def embedding_dim(self) -> int:
     return int(self.metadata['embedding_dim'])
 
+  @property
+  def has_text(self) -> bool:
+    return bool(self.metadata.get('has_text'))
+
+  def _output_keys(self) -> List[str]:
+    return (['embedding'] + (['logits'] if self.has_logits else [])
+            + (['image_embedding'] if self.has_text else []))
+
+  def embed_texts(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Texts -> float32 [N, E] text embeddings (`export.embed_texts` on this export)."""
+    return export.embed_texts(self.path, texts, batch_size=batch_size, loaded=self.loaded)
+
   def embed_arrays(self, images: Sequence[Any], batch_size: int = 32) -> Dict[str, np.ndarray]:
     """Raw images (2-D or [H, W, 1] uint8/uint16/float arrays, or PNG bytes) -> outputs.
 
@@ -105,12 +131,11 @@ class SavedModelEmbedder:
       for group in _runs(batch):
         outputs.append(self._embed_group(group))
     if not outputs:
-      empty = {'embedding': np.zeros((0, self.embedding_dim), np.float32)}
-      if self.has_logits:
-        empty['logits'] = np.zeros((0, int(self.metadata['num_classes'])), np.float32)
-      return empty
-    keys = ['embedding'] + (['logits'] if self.has_logits else [])
-    return {k: np.concatenate([o[k] for o in outputs]) for k in keys}
+      sizes = {'embedding': self.embedding_dim, 'logits': int(self.metadata['num_classes']),
+               'image_embedding': int(self.metadata.get('text', {}).get(
+                   'joint_embedding_dim', 0))}
+      return {k: np.zeros((0, sizes[k]), np.float32) for k in self._output_keys()}
+    return {k: np.concatenate([o[k] for o in outputs]) for k in self._output_keys()}
 
   def _embed_group(self, group) -> Dict[str, np.ndarray]:
     tf = self._tf
@@ -409,7 +434,7 @@ def _embed_shard(model: Embedder, source: Source, shard: _Shard, batch_size: int
       if key != 'image':
         columns.setdefault(key, []).extend(r[key] for r in records)
     batch_out = model.embed_arrays([r['image'] for r in records], batch_size=batch_size)
-    for key in ('embedding', 'logits'):
+    for key in ('embedding', 'logits', 'image_embedding'):
       if key in batch_out:
         outputs.setdefault(key, []).append(np.asarray(batch_out[key], np.float32))
     progress.step(len(records))
@@ -457,6 +482,81 @@ def embed_dataset(model: Union[str, Embedder], source: Union[str, Source], outpu
   for shard in todo:
     arrays = _embed_shard(model, source, shard, batch_size, progress)
     _write_atomically(shard.path, {**arrays, **per_set})
+  return output
+
+
+# --- texts -------------------------------------------------------------------------------
+
+DEFAULT_TEXT_COLUMN = 'text'
+
+
+def read_texts(spec: str) -> Tuple[List[str], List[str], Dict[str, Any]]:
+  """(texts, ids, description) of a text file or 'FILE.csv[:COLUMN]' (module docstring).
+
+  Raises ValueError naming the file and line (or row) of an empty text, the column
+  when it is missing, and FileNotFoundError when the file does not exist.
+  """
+  path, column = spec, None
+  if not os.path.isfile(spec):
+    head, sep, tail = spec.rpartition(':')
+    if sep and head.lower().endswith(('.csv', '.csv.gz')) and os.path.isfile(head):
+      path, column = head, tail
+    else:
+      raise FileNotFoundError(f'--texts {spec!r}: no such file (expected a text file with one '
+                              'text per line, or FILE.csv[:COLUMN]).')
+  if path.lower().endswith(('.csv', '.csv.gz')):
+    return _read_text_csv(path, column or DEFAULT_TEXT_COLUMN)
+  try:
+    with open(path, encoding='utf-8-sig', newline='') as f:
+      content = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text ({e}).') from None
+  lines = content.split('\n')
+  if lines[-1] == '':  # The newline that ends the last line.
+    lines.pop()
+  texts, ids = [], []
+  for number, line in enumerate(lines, start=1):
+    line = line.rstrip('\r')
+    if not line.strip():
+      raise ValueError(f'{path}, line {number}: empty line; the file must hold one text per '
+                       'line, with no blank lines.')
+    texts.append(line)
+    ids.append(str(number))
+  if not texts:
+    raise ValueError(f'{path}: no texts in the file.')
+  return texts, ids, {'texts': os.path.abspath(path)}
+
+
+def _read_text_csv(path: str, column: str) -> Tuple[List[str], List[str], Dict[str, Any]]:
+  from cxr_jax.data.builders import base  # pylint: disable=g-import-not-at-top
+  rows = base.read_csv(path, required_columns=[column], keep=[column])
+  if not rows:
+    raise ValueError(f'{path}: the CSV has no rows.')
+  texts, ids = [], []
+  for number, row in enumerate(rows, start=2):  # Row 1 is the header.
+    text = row[column] or ''
+    if not text.strip():
+      raise ValueError(f'{path}, row {number}: empty {column!r} cell.')
+    texts.append(text)
+    ids.append(str(number))
+  return texts, ids, {'texts': os.path.abspath(path), 'column': column}
+
+
+def embed_text_file(model: Union[str, Embedder], texts: str, output: str, *,
+                    batch_size: int = 32) -> str:
+  """Embeds the texts of `texts` (see `read_texts`) with an image-text `model` into the
+  .npz `output`: 'text_embedding', 'text', 'id', 'embed_spec'. Returns `output`."""
+  if not output.endswith('.npz'):
+    raise ValueError(f'--output {output!r}: text embeddings are written to one .npz file.')
+  model = load_model(model) if isinstance(model, str) else model
+  values, ids, description = read_texts(texts)
+  # A model without a text tower raises here, naming itself.
+  embeddings = model.embed_texts(values, batch_size=batch_size)
+  spec = json.dumps({'model': describe_model(model), 'data': description,
+                     'num_texts': len(values)}, sort_keys=True)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  _write_atomically(output, {'text_embedding': embeddings, 'text': np.asarray(values, str),
+                             'id': np.asarray(ids, str), 'embed_spec': np.asarray(spec)})
   return output
 
 
@@ -540,6 +640,9 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string('model', None, 'Training workdir or SavedModel directory.', flag_values=FLAGS)
 flags.DEFINE_string('data', None, "TFDS 'name:split', a folder of images, or a CSV file.",
                     flag_values=FLAGS)
+flags.DEFINE_string('texts', None, 'Texts to embed instead of images (image-text runs): a '
+                    'file with one text per line, or FILE.csv[:COLUMN] (default column '
+                    f'{DEFAULT_TEXT_COLUMN!r}).', flag_values=FLAGS)
 flags.DEFINE_string('data_dir', None, 'TFDS data directory, for name:split data.',
                     flag_values=FLAGS)
 flags.DEFINE_string('output', None, 'A .npz file, or a directory for shards.', flag_values=FLAGS)
@@ -562,12 +665,20 @@ def main(argv: Sequence[str]) -> str:
     raise app.UsageError(f'{e}\n\nFlags:\n{FLAGS.get_help()}') from None
   if len(rest) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(rest[1:])}')
-  missing = [f'--{n}' for n in ('model', 'data', 'output') if not FLAGS[n].value]
+  if FLAGS.data and FLAGS.texts:
+    raise app.UsageError('Pass --data (images) or --texts, not both.')
+  missing = [f'--{n}' for n in ('model', 'output') if not FLAGS[n].value]
+  if not FLAGS.data and not FLAGS.texts:
+    missing.insert(1, '--data (or --texts)')
   if missing:
     raise app.UsageError(f'Missing {", ".join(missing)}.')
   if FLAGS.step is not None and FLAGS.best:
     raise app.UsageError('Pass --step or --best, not both.')
   model = load_model(FLAGS.model, step=FLAGS.step, best=FLAGS.best)
+  if FLAGS.texts:
+    path = embed_text_file(model, FLAGS.texts, FLAGS.output, batch_size=FLAGS.batch_size)
+    print(f'Text embeddings written to {path}', file=sys.stderr)
+    return path
   source = open_source(FLAGS.data, FLAGS.data_dir, FLAGS.path_column, FLAGS.label_columns)
   path = embed_dataset(model, source, FLAGS.output, batch_size=FLAGS.batch_size,
                        shard_size=FLAGS.shard_size)

@@ -18,6 +18,23 @@ Signatures (each returns `embedding` float32 [B, D]; a classifier run adds `logi
                                   each of its own size
   metadata                        no input; the metadata below as tensors
 
+An image-text run (`inference.Model.has_text`) exports both towers. Its image
+signatures also return `image_embedding` float32 [B, E], the L2-normalised projection
+into the joint image-text space (what zero-shot scoring compares with prompts; the
+backbone's `embedding` stays the input of probes), and one more signature:
+
+  embed_text                      int32 token ids [B, L], 1 <= L <= the run's max_len
+                                  (shorter rows are padded in the graph; the encoder
+                                  ignores padding), ids in [0, vocab_size) ->
+                                  `text_embedding` float32 [B, E], L2-normalised
+
+A TF graph cannot run the `tokenizers` library, so tokenisation stays in Python: the
+run's tokenizer file is stored as assets/cxr_jax_tokenizer.json and
+`embed_texts(DIR, texts)` encodes with it and calls `embed_text`, agreeing with
+`inference.Model.embed_texts` on the workdir (1e-4). The metadata's 'text' entry names
+the tokenizer file, max_len, vocab_size, the joint size and the learnt `logit_scale`
+(1 / temperature) that zero-shot scores need (`eval.zero_shot.zero_shot_scores`).
+
 From Python, `tf.saved_model.load(DIR).embed_images(x)` takes any of those dtypes as
 [B, H, W] or [B, H, W, 1] arrays of any H, W. The run's `config.data.pp_eval` runs
 inside the graph on every input, so the SavedModel takes the same raw pixels as
@@ -42,8 +59,9 @@ in-graph version (augmentations, `two_views`) stops the export naming it. A pp_e
 without a fixed-size op gives a model input whose height and width are symbolic too.
 
 Metadata (findings, embedding size, pp_eval, model name, source workdir and step,
-input size) is stored as assets/cxr_jax_metadata.json, readable without TensorFlow
-by `read_metadata(DIR)`, and as the `metadata` signature.
+input size, the text side of image-text runs) is stored as
+assets/cxr_jax_metadata.json, readable without TensorFlow by `read_metadata(DIR)`, and
+as the `metadata` signature.
 
 TensorFlow is imported here and only here (and in the embedding tool's SavedModel
 path), never on the training path.
@@ -63,8 +81,10 @@ import numpy as np
 from cxr_jax import inference
 from cxr_jax.data import transforms
 from cxr_jax.registry import Registry
+from cxr_jax.text import tokenizer as tokenizer_lib
 
 METADATA_FILE = 'cxr_jax_metadata.json'
+TOKENIZER_FILE = 'cxr_jax_tokenizer.json'
 FORMAT = 'cxr_jax.export/1'
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 INPUT_DTYPES = {'float32': 'embed_images', 'uint8': 'embed_images_uint8',
@@ -361,15 +381,23 @@ def _metadata(model: inference.Model, input_shape, platforms) -> Dict[str, Any]:
     names.append('logits')
     if model.findings:
       names.append('probabilities')
+  signatures = ['serving_default'] + list(INPUT_DTYPES.values()) + ['embed_png', 'metadata']
+  text = {}
+  if model.has_text:
+    names.append('image_embedding')
+    signatures.append('embed_text')
+    text = {'tokenizer': TOKENIZER_FILE, 'max_len': model.text_max_len,
+            'vocab_size': model.tokenizer.vocab_size, 'encoder': model.config.text.encoder,
+            'joint_embedding_dim': model.joint_embedding_dim,
+            'logit_scale': model.logit_scale, 'outputs': ['text_embedding']}
   return {
       'format': FORMAT, 'model_name': model.model_name, 'trainer': model.config.trainer,
       'embedding_dim': model.embedding_dim, 'has_logits': model.has_logits,
       'num_classes': model.num_classes, 'findings': list(model.findings),
       'pp_eval': model.pp_eval, 'workdir': os.path.abspath(model.workdir) if model.workdir
       else '', 'step': model.step, 'model_input_shape': list(input_shape),
-      'outputs': names, 'platforms': list(platforms),
-      'signatures': ['serving_default'] + list(INPUT_DTYPES.values()) + ['embed_png',
-                                                                         'metadata'],
+      'outputs': names, 'platforms': list(platforms), 'signatures': signatures,
+      'has_text': model.has_text, 'text': text,
   }
 
 
@@ -391,7 +419,7 @@ class _Exported:
       raise ValueError(f'pp_eval={model.pp_eval!r} leaves the channel count unknown.')
     converted = jax2tf.convert(
         lambda variables, images: inference.forward(
-            model.network, model.has_logits, variables, images),
+            model.network, model.has_logits, variables, images, joint=model.has_text),
         polymorphic_shapes=[None, polymorphic], with_gradient=False,
         native_serialization_platforms=tuple(platforms))
     self.module = tf.Module()
@@ -400,6 +428,17 @@ class _Exported:
     self.module.network = tf.function(
         lambda images: converted(self.module.variables_tree, images), autograph=False,
         input_signature=[tf.TensorSpec([None] + self.input_shape, tf.float32)])
+    if model.has_text:
+      # Fixed length max_len: embed_text pads shorter inputs, which changes nothing (the
+      # encoder masks padding), so one graph serves every length without symbolic
+      # slicing of the position embedding.
+      converted_text = jax2tf.convert(
+          lambda variables, tokens: inference.text_forward(model.network, variables, tokens),
+          polymorphic_shapes=[None, f'(b, {model.text_max_len})'], with_gradient=False,
+          native_serialization_platforms=tuple(platforms))
+      self.module.text_network = tf.function(
+          lambda tokens: converted_text(self.module.variables_tree, tokens), autograph=False,
+          input_signature=[tf.TensorSpec([None, model.text_max_len], tf.int32)])
     self.findings = tf.constant(list(model.findings), tf.string) if model.findings else None
     self.metadata = _metadata(model, self.input_shape, platforms)
 
@@ -436,6 +475,20 @@ class _Exported:
         self.input_shape, tf.float32))
     return self.outputs(images)
 
+  def embed_text(self, tokens):
+    tf = _tf()
+    max_len, vocab_size = self.model.text_max_len, self.model.tokenizer.vocab_size
+    length = tf.shape(tokens)[1]
+    checks = [
+        tf.debugging.Assert((length >= 1) & (length <= max_len), [
+            f'embed_text takes 1 to max_len={max_len} token ids per text; got', length]),
+        tf.debugging.Assert(tf.reduce_all((tokens >= 0) & (tokens < vocab_size)), [
+            f'embed_text: token ids must lie in [0, {vocab_size}) (the tokenizer\'s '
+            'vocabulary); got ids from', tf.reduce_min(tokens), 'to', tf.reduce_max(tokens)])]
+    with tf.control_dependencies(checks):
+      padded = tf.pad(tokens, [[0, 0], [0, tf.maximum(max_len - length, 0)]])
+    return self.module.text_network(tf.ensure_shape(padded, [None, max_len]))
+
   def metadata_tensors(self):
     tf = _tf()
     out = {'json': tf.constant(json.dumps(self.metadata)),
@@ -445,6 +498,10 @@ class _Exported:
            'step': tf.constant(self.model.step, tf.int64)}
     out['findings'] = (self.findings if self.findings is not None
                        else tf.zeros([0], tf.string))
+    if self.model.has_text:
+      out['tokenizer_file'] = self.module.tokenizer_file.asset_path
+      out['text_max_len'] = tf.constant(self.model.text_max_len, tf.int32)
+      out['logit_scale'] = tf.constant(self.model.logit_scale, tf.float32)
     return out
 
   def save(self, directory: str) -> None:
@@ -461,17 +518,27 @@ class _Exported:
     module.embed_png = tf.function(self.embed_png, autograph=False, input_signature=[
         tf.TensorSpec([None], tf.string, name='png')])
     signatures['embed_png'] = module.embed_png.get_concrete_function()
-    module.metadata = tf.function(self.metadata_tensors, autograph=False, input_signature=[])
-    signatures['metadata'] = module.metadata.get_concrete_function()
-    metadata_path = os.path.join(directory + '.metadata', METADATA_FILE)
-    os.makedirs(os.path.dirname(metadata_path), exist_ok=True)
-    with open(metadata_path, 'w') as f:
-      json.dump(self.metadata, f, indent=2)
-    module.metadata_file = tf.saved_model.Asset(metadata_path)
+    assets = directory + '.assets'
+    os.makedirs(assets, exist_ok=True)
     try:
+      metadata_path = os.path.join(assets, METADATA_FILE)
+      with open(metadata_path, 'w') as f:
+        json.dump(self.metadata, f, indent=2)
+      module.metadata_file = tf.saved_model.Asset(metadata_path)
+      if self.model.has_text:
+        tokenizer_path = os.path.join(assets, TOKENIZER_FILE)
+        shutil.copyfile(self.model.tokenizer.path, tokenizer_path)
+        module.tokenizer_file = tf.saved_model.Asset(tokenizer_path)
+        module.embed_text = tf.function(self.embed_text, autograph=False, input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name='tokens')])
+        signatures['embed_text'] = module.embed_text.get_concrete_function()
+      # After the assets: the metadata signature returns the tokenizer's asset path.
+      module.metadata = tf.function(self.metadata_tensors, autograph=False,
+                                    input_signature=[])
+      signatures['metadata'] = module.metadata.get_concrete_function()
       tf.saved_model.save(module, directory, signatures=signatures)
     finally:
-      shutil.rmtree(os.path.dirname(metadata_path), ignore_errors=True)
+      shutil.rmtree(assets, ignore_errors=True)
 
 
 def export_model(model: inference.Model, output: str, *,
@@ -511,6 +578,34 @@ def read_metadata(export_dir: str) -> Dict[str, Any]:
 
 def is_export(path: str) -> bool:
   return os.path.isfile(os.path.join(path, 'saved_model.pb'))
+
+
+def embed_texts(export_dir: str, texts: Sequence[str], *, batch_size: int = 32,
+                loaded: Any = None) -> np.ndarray:
+  """Texts -> float32 [N, E] L2-normalised text embeddings, through an export's embed_text.
+
+  Tokenises in Python with the export's own tokenizer (its assets) and max_len, exactly
+  as `inference.Model.embed_texts` does on the workdir, then calls the signature in
+  batches padded to `batch_size`. `loaded`: the export already loaded with
+  `tf.saved_model.load` (loaded again otherwise).
+
+  Raises ValueError naming `export_dir` when it was not exported from an image-text run.
+  """
+  metadata = read_metadata(export_dir)
+  if not metadata.get('has_text'):
+    raise ValueError(
+        f'{export_dir} is not an image-text run\'s export (exported from '
+        f'{metadata.get("workdir") or "?"}, trainer {metadata.get("trainer")!r}): it has no '
+        "text tower or embed_text signature. Text embeddings come from runs of the "
+        "'image_text' trainer.")
+  text = metadata['text']
+  tokenizer = tokenizer_lib.load_cached(os.path.join(export_dir, 'assets', text['tokenizer']))
+  tokens = inference.tokenize_texts(tokenizer, texts, int(text['max_len']))
+  tf = _tf()
+  signature = (loaded or tf.saved_model.load(export_dir)).signatures['embed_text']
+  return inference.in_padded_batches(
+      lambda batch: signature(tokens=tf.constant(batch))['text_embedding'].numpy(), tokens,
+      batch_size, int(text['joint_embedding_dim']))
 
 
 # Flags live in their own FlagValues, so that importing this module and

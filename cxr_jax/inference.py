@@ -13,14 +13,28 @@ inference mode under `jax.jit`:
 
 Only linear and MLP heads are classifiers (`has_logits`); the projection head of a
 SupCon/SimCLR run is a training device, not an output, so such a run yields
-embeddings only. This module never imports TensorFlow: it is the embedding tool's
-path for training workdirs, and the reference that SavedModel exports are checked
-against.
+embeddings only.
+
+An image-text run (`config.trainer == 'image_text'`, `has_text`) has two towers that
+meet in one joint space. Its images give, besides the backbone's `embedding`, the
+L2-normalised projected `image_embedding` the contrastive loss and zero-shot scoring
+use; its texts give `text_embedding` in the same space:
+
+    model.embed_texts(['No pleural effusion.'])   # float32 [1, E], unit length
+    model.logit_scale                             # the learnt 1 / temperature
+
+Texts are encoded as given (as zero-shot prompts are), with the run's tokenizer file
+(`config.text.tokenizer`) and `config.text.max_len`; longer texts are cut, with a
+warning. Report sections are not selected: pass the part of a report you mean.
+
+This module never imports TensorFlow: it is the embedding tool's path for training
+workdirs, and the reference that SavedModel exports are checked against.
 """
 
 import dataclasses
 import functools
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +43,7 @@ import numpy as np
 
 from cxr_jax.data import transforms
 from cxr_jax.models import heads
+from cxr_jax.text import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
@@ -59,7 +74,9 @@ class Model:
                        f'has head.num_classes={self.num_classes} outputs.')
     self.variables = jax.device_put(self.variables)
     # One compiled function per input shape; variables are an argument, not constants.
-    self._forward = jax.jit(functools.partial(forward, self.network, self.has_logits))
+    self._forward = jax.jit(functools.partial(forward, self.network, self.has_logits,
+                                              joint=self.has_text))
+    self._text_forward = jax.jit(functools.partial(text_forward, self.network))
 
   @property
   def pp_eval(self) -> str:
@@ -71,7 +88,16 @@ class Model:
 
   @property
   def has_logits(self) -> bool:
-    return isinstance(self.network.head, (heads.LinearHead, heads.MLPHead))
+    # An image-text network defines its head in setup(), out of reach before apply.
+    return not self.has_text and isinstance(self.network.head,
+                                            (heads.LinearHead, heads.MLPHead))
+
+  @property
+  def has_text(self) -> bool:
+    """Whether the run is image-text: a text tower and a joint image-text space."""
+    # Imported here: the cxr_jax.train package imports trainers that build on this module.
+    from cxr_jax.train import image_text  # pylint: disable=g-import-not-at-top
+    return isinstance(self.network, image_text.ImageTextNetwork)
 
   @property
   def num_classes(self) -> int:
@@ -89,6 +115,48 @@ class Model:
         lambda v, x: forward(self.network, False, v, x), self.variables,
         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
     return int(shapes['embedding'].shape[-1])
+
+  def _require_text(self) -> None:
+    if not self.has_text:
+      raise ValueError(
+          f'Run {self.workdir or "(in memory)"} (trainer {self.config.trainer!r}) is not an '
+          'image-text run: it has no text tower, so it cannot embed texts. Text embeddings '
+          "come from runs of the 'image_text' trainer.")
+
+  @functools.cached_property
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    """The tokenizer the run was trained with (`config.text.tokenizer`)."""
+    self._require_text()
+    return tokenizer_lib.load_cached(self.config.text.tokenizer)
+
+  @property
+  def text_max_len(self) -> int:
+    self._require_text()
+    return int(self.config.text.max_len)
+
+  @functools.cached_property
+  def joint_embedding_dim(self) -> int:
+    """Size E of the joint space of `image_embedding` and `text_embedding`."""
+    self._require_text()
+    return int(self.network.embed_dim)
+
+  @functools.cached_property
+  def logit_scale(self) -> float:
+    """s = 1 / temperature, as zero-shot scoring (`eval.zero_shot`) scales cosines."""
+    self._require_text()
+    return float(jax.jit(lambda v: self.network.apply(v, method='logit_scale'))(
+        self.variables))
+
+  def embed_texts(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Texts -> float32 [N, E] L2-normalised text embeddings in the joint space.
+
+    Raises ValueError when the run has no text tower or a text is empty.
+    """
+    self._require_text()
+    tokens = tokenize_texts(self.tokenizer, texts, self.text_max_len)
+    return in_padded_batches(
+        lambda batch: np.asarray(self._text_forward(self.variables, batch)['text_embedding']),
+        tokens, batch_size, self.joint_embedding_dim)
 
   def preprocess(self, image) -> np.ndarray:
     """One raw image -> the float32 [H, W, C] array the network sees.
@@ -132,17 +200,72 @@ class Model:
       empty = {'embedding': np.zeros((0, self.embedding_dim), np.float32)}
       if self.has_logits:
         empty['logits'] = np.zeros((0, self.num_classes), np.float32)
+      if self.has_text:
+        empty['image_embedding'] = np.zeros((0, self.joint_embedding_dim), np.float32)
       return empty
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
-def forward(network, has_logits: bool, variables, images) -> Dict[str, jax.Array]:
-  """{'embedding': [B, D], 'logits': [B, K] when `has_logits`}, float32, in inference mode."""
+def forward(network, has_logits: bool, variables, images, joint: bool = False
+            ) -> Dict[str, jax.Array]:
+  """{'embedding': [B, D], 'logits': [B, K]?, 'image_embedding': [B, E]?}, float32.
+
+  In inference mode. `has_logits`: the head is a classifier; `joint`: the network is
+  image-text and its projected, L2-normalised image embedding is wanted too.
+  """
   output, aux = network.apply(variables, images, train=False)
   result = {'embedding': aux['embedding'].astype(jnp.float32)}
   if has_logits:
     result['logits'] = output.astype(jnp.float32)
+  if joint:
+    result['image_embedding'] = output['image'].astype(jnp.float32)
   return result
+
+
+def text_forward(network, variables, tokens) -> Dict[str, jax.Array]:
+  """{'text_embedding': float32 [B, E]}: an image-text network's projected, L2-normalised
+  embedding of token ids int [B, L] (from `tokenize_texts`)."""
+  return {'text_embedding': network.apply(variables, tokens, method='encode_text').astype(
+      jnp.float32)}
+
+
+def tokenize_texts(tokenizer: tokenizer_lib.Tokenizer, texts: Sequence[str],
+                   max_len: int) -> np.ndarray:
+  """int32 [N, max_len] token ids of `texts`, checked: each a non-blank str.
+
+  A text longer than max_len - 2 subwords is cut, as in training; a warning counts
+  such texts.
+  """
+  if isinstance(texts, (str, bytes)):
+    raise TypeError('Pass a sequence of texts; wrap a single text in a list.')
+  texts = list(texts)
+  for index, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise TypeError(f'Text {index} is a {type(text).__name__}, not a str: {text!r}.')
+    if not text.strip():
+      raise ValueError(f'Text {index} is empty; an empty text has no meaningful embedding.')
+  cut = sum(len(tokenizer.token_ids(text)) > max_len - 2 for text in texts)
+  if cut:
+    warnings.warn(f'{cut} of {len(texts)} texts are longer than the {max_len - 2} subwords '
+                  f'(max_len={max_len}) the text tower reads; they were cut.')
+  return tokenizer.encode(texts, max_len)
+
+
+def in_padded_batches(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray,
+                      batch_size: int, output_dim: int) -> np.ndarray:
+  """fn over `inputs` [N, ...] in batches zero-padded to `batch_size` rows -> [N, output_dim].
+
+  One batch shape means one compilation; the padding rows' outputs are dropped (each
+  row's output depends on that row alone).
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  outputs = [np.zeros((0, output_dim), np.float32)]
+  for start in range(0, len(inputs), batch_size):
+    batch = inputs[start:start + batch_size]
+    padding = np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)
+    outputs.append(np.asarray(fn(np.concatenate([batch, padding])), np.float32)[:len(batch)])
+  return np.concatenate(outputs)
 
 
 def load_run(workdir: str, step: Optional[int] = None, best: bool = False) -> Model:

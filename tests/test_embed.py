@@ -1,6 +1,8 @@
-"""The embedding tool: every data source and both model kinds, shards, resuming, errors."""
+"""The embedding tool: every data source and both model kinds, shards, resuming, errors;
+image-text runs' joint image embeddings and text embeddings."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,9 @@ import pytest
 from cxr_jax import embed
 from cxr_jax.data import images as images_lib
 from cxr_jax.data import pipeline
+from test_export import PROMPTS  # pylint: disable=g-bad-import-order
 from test_export import exported_runs  # pylint: disable=g-bad-import-order
+from test_export import image_text_run  # pylint: disable=g-bad-import-order
 from test_export import shared_embedder  # pylint: disable=g-bad-import-order
 from test_inference import shared_model  # pylint: disable=g-bad-import-order
 from test_inference import trained_runs  # pylint: disable=g-bad-import-order
@@ -250,3 +254,67 @@ def test_workdir_path_never_imports_tensorflow(setup, tmp_path):
   assert result.returncode == 0, result.stderr[-6000:]
   assert embed.load_embeddings(str(tmp_path / 'out.npz'))['embedding'].shape[0] == len(
       setup['records'])
+
+
+@pytest.mark.slow
+def test_image_text_run_embeds_images_and_texts(setup, tmp_path_factory, tmp_path):
+  run = image_text_run(tmp_path_factory)
+  models = {'workdir': shared_model(run['workdir']),
+            'saved_model': shared_embedder(run['export'])}
+  images = {}
+  for kind, model in models.items():
+    output = str(tmp_path / f'images_{kind}.npz')
+    embed.embed_dataset(model, setup['folder'], output, batch_size=4)
+    images[kind] = embed.load_embeddings(output)
+    assert images[kind]['image_embedding'].shape == (len(setup['records']), 16)
+  for key in ('embedding', 'image_embedding'):
+    np.testing.assert_allclose(images['saved_model'][key], images['workdir'][key],
+                               atol=TOLERANCE, err_msg=key)
+
+  lines = tmp_path / 'prompts.txt'
+  lines.write_text('\n'.join(PROMPTS) + '\n')
+  table = tmp_path / 'prompts.csv'
+  table.write_text('finding,prompt\n' + ''.join(f'f{i},"{p}"\n' for i, p in enumerate(PROMPTS)))
+  with_commas = 'Heart size is normal, lungs are clear.'  # A quoted cell with a comma.
+  table.write_text(table.read_text() + f'f3,"{with_commas}"\n')
+  expected = models['workdir'].embed_texts(PROMPTS + [with_commas])
+  from_export = str(tmp_path / 'texts_export.npz')
+  embed.main(['embed', '--model', run['export'], '--texts', str(lines), '--output',
+              from_export])
+  from_workdir = str(tmp_path / 'texts_workdir.npz')
+  embed.main(['embed', '--model', run['workdir'], '--texts', f'{table}:prompt', '--output',
+              from_workdir])
+  with np.load(from_export) as f:
+    assert list(f['text']) == PROMPTS and list(f['id']) == ['1', '2', '3']
+    assert '"saved_model"' in str(f['embed_spec'])
+    np.testing.assert_allclose(f['text_embedding'], expected[:3], atol=TOLERANCE)
+  with np.load(from_workdir) as f:
+    assert list(f['text']) == PROMPTS + [with_commas]
+    assert list(f['id']) == ['2', '3', '4', '5']  # CSV rows, the header being row 1.
+    np.testing.assert_array_equal(f['text_embedding'], expected)
+
+  # A model without a text tower, named with the path given.
+  supcon = setup['exports']['supcon']
+  with pytest.raises(ValueError, match=f'{re.escape(supcon)} is not an image-text run'):
+    embed.main(['embed', '--model', supcon, '--texts', str(lines), '--output', from_export])
+  with pytest.raises(ValueError, match=f"{re.escape(setup['runs']['supcon'])} .* is not an "
+                                       'image-text run'):
+    embed.embed_text_file(setup['runs']['supcon'], str(lines), from_export)
+  # Files: blank lines, missing columns, empty cells, a missing file.
+  blank = tmp_path / 'blank.txt'
+  blank.write_text('No effusion.\n \nCardiomegaly.\n')
+  with pytest.raises(ValueError, match=r'blank.txt, line 2: empty line'):
+    embed.read_texts(str(blank))
+  with pytest.raises(ValueError, match=r"prompts.csv: missing column\(s\) \['text'\]; the "
+                                       r"header has \['finding', 'prompt'\]"):
+    embed.read_texts(str(table))
+  table.write_text('text\nCardiomegaly.\n""\n')
+  with pytest.raises(ValueError, match=r"prompts.csv, row 3: empty 'text' cell"):
+    embed.read_texts(f'{table}:text')
+  with pytest.raises(FileNotFoundError, match='missing.txt'):
+    embed.read_texts(str(tmp_path / 'missing.txt'))
+  with pytest.raises(ValueError, match='one .npz file'):
+    embed.embed_text_file(models['workdir'], str(lines), str(tmp_path / 'texts'))
+  with pytest.raises(app.UsageError, match='--data .images. or --texts, not both'):
+    embed.main(['embed', '--model', run['export'], '--texts', str(lines), '--data',
+                setup['folder'], '--output', from_export])

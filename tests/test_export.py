@@ -3,7 +3,9 @@
 The in-graph ops are checked against the NumPy ops of `data.transforms`, and integer
 resizing also against OpenCV directly (float64 INTER_AREA rounded half to even when
 shrinking, INTER_LINEAR_EXACT when enlarging). Exported runs are loaded back with
-`tf.saved_model.load` and must agree with `inference.Model` to 1e-4.
+`tf.saved_model.load` and must agree with `inference.Model` to 1e-4. An image-text run
+exports its text tower too: text embeddings, the joint image embedding and zero-shot
+scores computed from the export agree with the JAX run and `eval.zero_shot`.
 
 Known gap: until `data.transforms` resizes integer images with that reproducible
 rounding (see `TRANSFORMS_RESIZE_REPRODUCIBLE`), no in-graph version can agree with
@@ -15,6 +17,7 @@ against OpenCV, not against this module.
 
 import json
 import os
+import re
 
 import cv2
 import numpy as np
@@ -24,7 +27,15 @@ import tensorflow as tf
 from cxr_jax import embed
 from cxr_jax import export
 from cxr_jax import inference
+from cxr_jax.data import pipeline
 from cxr_jax.data import transforms
+from cxr_jax.eval import zero_shot
+from cxr_jax.text import tokenizer as tokenizer_lib
+from cxr_jax.train import image_text as image_text_lib
+from cxr_jax.train import trainer
+from test_inference import CLASSIFIER_PP_EVAL  # pylint: disable=g-bad-import-order
+from test_inference import _recipe  # pylint: disable=g-bad-import-order
+from test_inference import _tiny  # pylint: disable=g-bad-import-order
 from test_inference import shared_model  # pylint: disable=g-bad-import-order
 from test_inference import trained_runs  # pylint: disable=g-bad-import-order
 
@@ -74,6 +85,36 @@ def exported_runs(tmp_path_factory):
   export.export_run(runs['supcon'], exports['supcon'], platforms=('cpu',))
   done.write_text(json.dumps(exports))
   return exports
+
+
+TEXT_MAX_LEN = 48
+
+
+def image_text_run(tmp_path_factory):
+  """A tiny image-text run (bit-tiny, text-tiny, 2 steps) on `trained_runs`' dataset, and
+  its tokenizer trained on that dataset's reports: once per session (and worker)."""
+  runs = trained_runs(tmp_path_factory)
+  root = tmp_path_factory.getbasetemp() / 'h3_image_text'
+  done = root / 'run.json'
+  if done.exists():
+    return json.loads(done.read_text())
+  root.mkdir(exist_ok=True)
+  tokenizer = str(root / 'tokenizer.json')
+  tokenizer_lib.Tokenizer.train(
+      tokenizer_lib.reports_of(runs['dataset'], 'train', runs['data_dir']), 400).save(tokenizer)
+  config = _tiny(_recipe('image_text_cxr'), runs['data_dir'], runs['dataset'])
+  config.text.tokenizer = tokenizer
+  config.text.max_len = TEXT_MAX_LEN
+  config.head.embed_dim = 16
+  config.data.pp = (image_text_lib.tokenize_op(config)
+                    + '|decode|window|random_crop(28)|value_range(-1, 1, 0, 1)|rgb')
+  config.data.pp_eval = CLASSIFIER_PP_EVAL
+  run = {'workdir': str(root / 'run'), 'tokenizer': tokenizer, 'export': str(root / 'export'),
+         'dataset': runs['dataset'], 'data_dir': runs['data_dir']}
+  trainer.train(config, run['workdir'])
+  export.export_run(run['workdir'], run['export'], platforms=('cpu',))
+  done.write_text(json.dumps(run))
+  return run
 
 
 _EMBEDDERS = {}
@@ -322,3 +363,118 @@ def test_export_errors(exported, tmp_path):
   assert not os.path.exists(tmp_path / 'out')
   with pytest.raises(FileNotFoundError, match='not a cxr_jax SavedModel'):
     export.read_metadata(str(tmp_path))
+
+
+# --- image-text runs -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def image_text(tmp_path_factory):
+  """(loaded SavedModel, JAX model, export dir, run) of `image_text_run`."""
+  run = image_text_run(tmp_path_factory)
+  return (shared_embedder(run['export']).loaded, shared_model(run['workdir']), run['export'],
+          run)
+
+
+PROMPTS = ['No pleural effusion.', 'There is a pneumothorax with a visible pleural line.',
+           'The heart is enlarged, in keeping with cardiomegaly.']
+
+
+@pytest.mark.slow
+def test_image_text_export_matches_jax_text_and_image_embeddings(image_text):
+  loaded, model, path, run = image_text
+  assert model.has_text and not model.has_logits
+  from_export = export.embed_texts(path, PROMPTS, loaded=loaded)
+  from_jax = model.embed_texts(PROMPTS)
+  assert from_export.shape == from_jax.shape == (3, 16) and from_export.dtype == np.float32
+  np.testing.assert_allclose(from_export, from_jax, atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(np.linalg.norm(from_export, axis=1), 1, atol=1e-5)
+  assert len({tuple(np.round(row, 3)) for row in from_export}) == 3  # Distinct texts differ.
+  # Loading the export itself, and batches of two (the second one padded).
+  np.testing.assert_allclose(export.embed_texts(path, PROMPTS, batch_size=2), from_jax,
+                             atol=TOLERANCE, rtol=0)
+
+  # The signature takes any length up to max_len: padding is added in the graph.
+  tokens = tokenizer_lib.Tokenizer.load(run['tokenizer']).encode(PROMPTS, TEXT_MAX_LEN)
+  needed = int((tokens != 0).sum(axis=1).max())  # The longest prompt's length.
+  assert needed < TEXT_MAX_LEN
+  signature = loaded.signatures['embed_text']
+  assert signature.structured_input_signature[1]['tokens'].shape.as_list() == [None, None]
+  for length in (needed, TEXT_MAX_LEN):
+    out = signature(tokens=tf.constant(tokens[:, :length]))['text_embedding'].numpy()
+    np.testing.assert_allclose(out, from_jax, atol=TOLERANCE, rtol=0, err_msg=str(length))
+
+  # The image signatures add the joint-space embedding to the backbone's.
+  images = _images(np.uint16, (3, 32, 32))
+  out = _compare(loaded, model, images)
+  assert set(out) == {'embedding', 'image_embedding'}
+  assert out['embedding'].shape == (3, 256) and out['image_embedding'].shape == (3, 16)
+
+  metadata = export.read_metadata(path)
+  assert metadata['has_text'] and 'embed_text' in metadata['signatures']
+  assert metadata['outputs'] == ['embedding', 'image_embedding']
+  text = metadata['text']
+  assert text['max_len'] == TEXT_MAX_LEN and text['joint_embedding_dim'] == 16
+  assert text['vocab_size'] == model.tokenizer.vocab_size and text['encoder'] == 'text-tiny'
+  np.testing.assert_allclose(text['logit_scale'], model.logit_scale, rtol=1e-6)
+  with open(os.path.join(path, 'assets', text['tokenizer']), 'rb') as f:
+    with open(run['tokenizer'], 'rb') as original:
+      assert f.read() == original.read()
+  tensors = loaded.signatures['metadata']()
+  assert os.path.isfile(tensors['tokenizer_file'].numpy().decode())
+  assert int(tensors['text_max_len']) == TEXT_MAX_LEN
+
+
+@pytest.mark.slow
+def test_zero_shot_from_exported_embeddings_matches_eval_zero_shot(image_text):
+  loaded, _, path, run = image_text
+  findings = ['cardiomegaly', 'pleural_effusion', 'pneumothorax']
+  expected = zero_shot.zero_shot_from_workdir(run['workdir'], split='test', findings=findings)
+
+  # The same test images as stored PNGs, and the same prompts, through the SavedModel.
+  source, _ = pipeline.open_source(run['dataset'], 'test', run['data_dir'])
+  records = [source[i] for i in range(len(source))]
+  assert 2 <= len(records) == len(expected['id'])
+  images = loaded.signatures['embed_png'](png=tf.constant([r['image'] for r in records]))[
+      'image_embedding'].numpy().astype(np.float64)
+  groups = [zero_shot.DEFAULT_PROMPTS[f][side] for side in (0, 1) for f in findings]
+  phrases = export.embed_texts(path, [p for group in groups for p in group], loaded=loaded)
+  bounds = np.cumsum([0] + [len(group) for group in groups])
+  prompts = np.stack([phrases[a:b].astype(np.float64).mean(axis=0)
+                      for a, b in zip(bounds[:-1], bounds[1:])])
+  prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
+  positive, negative = prompts[:len(findings)], prompts[len(findings):]
+  scale = export.read_metadata(path)['text']['logit_scale']
+  scores = 1 / (1 + np.exp(-scale * (images @ positive.T - images @ negative.T)))
+
+  row = {image_id: n for n, image_id in enumerate(expected['id'])}
+  order = [row[r['image_id'].decode()] for r in records]
+  np.testing.assert_allclose(scores, expected['scores'][order], atol=1e-4, rtol=0)
+  assert np.ptp(scores) > 1e-3  # Scores that differ, not a constant that trivially agrees.
+
+
+def test_text_errors(image_text, exported):
+  loaded, model, path, _ = image_text
+  signature = loaded.signatures['embed_text']
+  tokens = np.ones((2, TEXT_MAX_LEN + 1), np.int32)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=f'max_len={TEXT_MAX_LEN}'):
+    signature(tokens=tf.constant(tokens))
+  tokens[1, 3] = model.tokenizer.vocab_size
+  with pytest.raises(tf.errors.InvalidArgumentError, match='token ids must lie in'):
+    signature(tokens=tf.constant(tokens[:, :TEXT_MAX_LEN]))
+  _, supcon, supcon_path = exported['supcon']
+  with pytest.raises(ValueError, match=f'{re.escape(supcon_path)} is not an image-text run'):
+    export.embed_texts(supcon_path, PROMPTS)
+  with pytest.raises(ValueError, match=re.escape(
+      f"{supcon.workdir} (trainer 'supcon') is not an image-text run")):
+    supcon.embed_texts(PROMPTS)
+  assert not export.read_metadata(supcon_path)['has_text']
+  for embed_texts in (model.embed_texts, lambda texts: export.embed_texts(path, texts,
+                                                                          loaded=loaded)):
+    with pytest.raises(ValueError, match='Text 1 is empty'):
+      embed_texts(['Cardiomegaly.', '  '])
+    with pytest.raises(TypeError, match='wrap a single text in a list'):
+      embed_texts('Cardiomegaly.')
+  with pytest.warns(UserWarning, match=r'1 of 2 texts are longer than the 46 subwords'):
+    cut = model.embed_texts(['Cardiomegaly.', 'pleural effusion ' * 40])
+  assert cut.shape == (2, 16)
