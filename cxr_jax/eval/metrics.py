@@ -314,14 +314,18 @@ def delong_test(labels, scores_a, scores_b, *, level=0.95) -> dict:
     dict with auroc_a, auroc_b, difference (a - b), its standard error and
     `level` normal interval (difference_low, difference_high), z, the two-sided
     p_value, and covariance (2x2 nested list: var_a, cov_ab; cov_ab, var_b).
-    Identical models give z = 0 and p = 1. A single-class input gives nan
-    everywhere with an UndefinedMetricWarning.
+    Identical models give z = 0 and p = 1. An input with fewer than two cases of a
+    class gives nan everywhere with an UndefinedMetricWarning.
   """
   labels, scores_a = check_binary(labels, scores_a, what='scores_a')
   _, scores_b = check_binary(labels, scores_b, what='scores_b')
   if not 0 < level < 1:
     raise ValueError(f'level must lie in (0, 1), got {level}.')
   reason = single_class_reason(labels)
+  if not reason and min(labels.sum(), labels.size - labels.sum()) < 2:
+    # The variance estimate needs two cases of each class (sample covariances).
+    reason = (f'{int(labels.sum())} positive and {int(labels.size - labels.sum())} '
+              'negative cases; the variance needs at least 2 of each')
   if reason:
     _undefined('DeLong test', reason)
     nan = float('nan')

@@ -59,6 +59,8 @@ def plot_data_efficiency(curves: Mapping[str, Sequence[Mapping]], path: str, *,
     high = np.array([row['high'] for row in rows], np.float64)
     line, = axes.plot(x, mean, marker='o', label=method)
     banded = np.isfinite(low) & np.isfinite(high)
+    # A t-interval over 2-3 draws can reach far outside [0, 1], where these metrics live.
+    low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
     axes.fill_between(x, low, high, where=banded, color=line.get_color(), alpha=0.2,
                       linewidth=0)
     ticks.update(zip(x.tolist(), [str(row['budget']) if row['budget'] == efficiency.ALL

@@ -201,6 +201,11 @@ def test_delong_identical_models_and_single_class():
   with pytest.warns(metrics.UndefinedMetricWarning, match='DeLong'):
     undefined = metrics.delong_test(np.ones(4), np.arange(4.0), np.arange(4.0))
   assert np.isnan(undefined['p_value'])
+  # One positive: AUROC is defined, but not the variance of the difference.
+  with pytest.warns(metrics.UndefinedMetricWarning, match='at least 2 of each'):
+    one_positive = metrics.delong_test(np.array([1, 0, 0, 0]), np.arange(4.0),
+                                       np.arange(4.0)[::-1])
+  assert np.isnan(one_positive['p_value']) and np.isnan(one_positive['z'])
   with pytest.raises(ValueError, match='scores_b'):
     metrics.delong_test(labels, scores, scores[:-1])
 
