@@ -11,6 +11,10 @@ _CACHE_DIR = os.environ.get('CXR_JAX_TEST_COMPILATION_CACHE',
                             os.path.join(os.path.dirname(__file__), '..', '.jax_test_cache'))
 jax.config.update('jax_compilation_cache_dir', os.path.abspath(_CACHE_DIR))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+# The same for the tests' subprocesses (restarted runs, the command line, the chain),
+# which read JAX's settings from the environment.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.abspath(_CACHE_DIR))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import grain.python as grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -81,8 +82,14 @@ def read_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False
     if step not in ckpt.manager.all_steps():
       raise FileNotFoundError(f'No checkpoint for step {step} in {directory}; it has '
                               f'{sorted(ckpt.manager.all_steps())}.')
+    # Restoring onto the saved shardings fails where the devices differ from the run's
+    # (a run of 8 GPUs or 2 hosts read on a laptop), so every array goes to one local device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        ckpt.manager.item_metadata(step)['state'].tree)
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
   finally:
     ckpt.close()
   return restored['state'], ml_collections.ConfigDict(restored['config']), step
