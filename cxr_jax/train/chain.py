@@ -11,7 +11,8 @@ In a stage's config, a string '@NAME' stands for what NAME refers to: a syntheti
 dataset's TFDS name (in `data.name`, say) or an earlier stage's workdir (in
 `init.workdir`, say), and '@data_dir' for `data_dir`. Each stage runs in WORKDIR/NAME
 with the same trainer it would run with on its own, so re-running the chain resumes
-every stage where it stopped and skips those that are done.
+every stage where it stopped and skips those that are done. Compiled programs are cached
+in WORKDIR/jax_cache unless JAX_COMPILATION_CACHE_DIR names another place.
 
 Datasets are generated in a subprocess: building imports TensorFlow, which must not
 share a process with training.
@@ -24,6 +25,7 @@ import sys
 from typing import Dict
 
 from absl import logging
+import jax
 import ml_collections
 
 from cxr_jax.train.registry import TRAINERS
@@ -87,6 +89,10 @@ def run_chain(config, workdir: str):
   data_dir = os.path.abspath(os.path.expanduser(config.data_dir or
                                                 os.path.join(workdir, 'tensorflow_datasets')))
   references = {'data_dir': data_dir}
+  if not jax.config.jax_compilation_cache_dir:
+    # Re-runs, and a study's many fine-tuning runs of one shape, compile the same
+    # programs again; the persistent cache makes those compiles reads.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
   if config.synthetic:
     logging.info('Preparing synthetic datasets in %s', data_dir)
     references.update(build_synthetic(config.synthetic.to_dict(), data_dir))

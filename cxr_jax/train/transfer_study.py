@@ -1,4 +1,5 @@
-"""Task training at label budgets from several pretrained networks, judged on one test set.
+"""Task training at label budgets from several pretrained networks, judged in-site and
+on external sites.
 
 The third stage of the recipe, measured the way the published work measures it: for
 one finding of a downstream dataset (another site than pretraining), and for each
@@ -9,21 +10,29 @@ label budget and draw of training labels,
   fine-tuning  full fine-tuning and LP-FT from each network in `finetune.networks`,
                plus training from scratch (the network name 'scratch');
 
-all scored by AUROC on the same held-out test split. Outputs in WORKDIR: the embeddings
-(embeddings/), each fine-tuning run (finetune/), `results.csv` (one row per method,
-budget and draw), `summary.csv`, a data-efficiency plot, t-SNE maps of the test
-embeddings before and after CXR pretraining, the SavedModel of `export.network`, and
-`report.md`, which states what came out for the published claims, whatever it is.
+all trained on the downstream training split and scored by AUROC on its held-out test
+split ('in_site') and on every external test set in `config.external` (name -> TFDS
+dataset, split and, where the dataset spells it differently, the finding): the same
+fitted probes and fine-tuned checkpoints, applied to another site's images, so the
+two numbers differ only by the shift between sites. Outputs in WORKDIR: the embeddings
+(embeddings/, external sets in embeddings/NAME/), each fine-tuning run (finetune/,
+with its test outputs per test set), `results.csv` (one row per method, budget, draw
+and test set), `summary.csv`, a data-efficiency plot per test set, t-SNE maps of the
+in-site test embeddings before and after CXR pretraining, the SavedModel of
+`export.network`, `report.md` (in-site and external AUROC side by side, and what came
+out for the published claims, whatever it is) and `claims.json` (the claims'
+numbers in-site, and under 'external' per external set when there are any).
 
 Every part resumes: embeddings and fine-tuning runs are kept and reused, probes are
 refitted (they take seconds).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from absl import logging
 import ml_collections
@@ -40,6 +49,9 @@ from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train.registry import TRAINERS
 
+IN_SITE = 'in_site'  # The `test_set` of scores on the downstream data's own test split.
+EXTERNAL_KEYS = ('name', 'split', 'finding')
+
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -52,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.test_split = 'test'
   c.data.finding = 'airspace_opacity'  # The task; its labels follow label_policy.
   c.data.uncertain = 'ignore'  # Uncertain labels: ignore | zeros | ones.
+  # External test sets, read from data.data_dir: NAME -> {'name': TFDS dataset,
+  # 'split': its split ('' = 'test'), 'finding': the task's name there ('' = data.finding)}.
+  # Nothing trains on them; every method trained on `data` is also scored on each.
+  c.external = ml_collections.ConfigDict()
   c.networks = ml_collections.ConfigDict()  # name -> pretraining workdir.
   c.budgets = (10, 45, 100, 500)  # Training labels per draw; 'all' is allowed.
   c.draws = 3  # Draws of training labels per budget (probes).
@@ -71,10 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.finetune.learning_rate = 3e-3  # AdamW peak (cosine); the probe phase of LP-FT: 10x.
   c.finetune.scratch_model = ''  # Model trained from scratch; '' = the first network's.
   c.finetune.pp = 'decode|window|random_crop(28)|flip_lr|value_range(-1, 1, 0, 1)|rgb'
+  c.cxr_network = 'cxr'  # The network the published claims (report, claims.json) are about.
   c.tsne = ('generic', 'cxr')  # Networks whose test embeddings get a t-SNE map.
   c.export = ml_collections.ConfigDict()
   c.export.network = 'cxr'  # Network exported as a SavedModel; '' = none.
-  c.bootstrap_samples = 1000
   return c
 
 
@@ -87,8 +103,47 @@ def _task_labels(data: Dict[str, np.ndarray], finding: str, uncertain: str, path
   return out['labels'][:, 0], out['label_mask'][:, 0] > 0
 
 
-def _auroc(labels, scores, known) -> float:
+def _auroc(labels, known, scores) -> float:
   return float(metrics.auroc(labels[known].astype(np.int32), scores[known]))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """A labelled split that every trained method is scored on."""
+  key: str  # IN_SITE, or the external set's name in config.external.
+  dataset: str
+  split: str
+  finding: str
+
+  @property
+  def source(self) -> str:
+    return f'{self.dataset}:{self.split}'
+
+
+def eval_sets(config) -> List[EvalSet]:
+  """The in-site test split, then `config.external` by name; bad specs are named."""
+  data = config.data
+  sets = [EvalSet(IN_SITE, data.name, data.test_split, data.finding)]
+  for name, spec in (config.get('external') or {}).items():
+    where = f'config.external.{name}'
+    if name == IN_SITE:
+      raise ValueError(f'{where}: {IN_SITE!r} is the name of the in-site test split; give '
+                       'the external set another name.')
+    if not isinstance(spec, (dict, ml_collections.ConfigDict)):
+      raise ValueError(f"{where} must be a section {{'name': TFDS dataset, 'split': ..., "
+                       f"'finding': ...}}; got {spec!r}.")
+    unknown = sorted(set(spec.keys()) - set(EXTERNAL_KEYS))
+    if unknown:
+      raise ValueError(f'{where} has keys {unknown}; valid keys: {list(EXTERNAL_KEYS)}.')
+    dataset = spec.get('name') or ''
+    if not isinstance(dataset, str) or not dataset:
+      raise ValueError(f'{where}.name={dataset!r}: name the TFDS dataset to test on.')
+    split = spec.get('split') or 'test'
+    if (dataset, split) == (data.name, data.train_split):
+      raise ValueError(f'{where} is {dataset}:{split}, the split every method trains on; '
+                       'an external test set must be other data.')
+    sets.append(EvalSet(name, dataset, split, spec.get('finding') or data.finding))
+  return sets
 
 
 class Study:
@@ -100,6 +155,7 @@ class Study:
     self._models: Dict[str, inference.Model] = {}
     if not config.networks:
       raise ValueError('config.networks is empty: name at least one pretrained workdir.')
+    self.eval_sets = eval_sets(config)
 
   def model(self, workdir: str) -> inference.Model:
     model = inference.load_run(workdir)
@@ -109,13 +165,30 @@ class Study:
     config.data.pp_eval = self.config.pp_eval
     return inference.Model(config, model.network, model.variables, model.workdir, model.step)
 
-  def embeddings(self, network: str, split: str) -> Dict[str, np.ndarray]:
-    output = os.path.join(self.workdir, 'embeddings', f'{network}_{split}.npz')
+  def _embed(self, network: str, source: str, output: str) -> Dict[str, np.ndarray]:
     if network not in self._models:
       self._models[network] = self.model(self.config.networks[network])
-    embed.embed_dataset(self._models[network], f'{self.config.data.name}:{split}', output,
+    embed.embed_dataset(self._models[network], source, output,
                         batch_size=self.config.embed_batch_size, data_dir=self.data_dir)
     return embed.load_embeddings(output)
+
+  def embeddings(self, network: str, split: str) -> Dict[str, np.ndarray]:
+    """`network`'s embeddings of a split of the downstream data (kept for re-runs)."""
+    output = os.path.join(self.workdir, 'embeddings', f'{network}_{split}.npz')
+    return self._embed(network, f'{self.config.data.name}:{split}', output)
+
+  def test_embeddings(self, network: str, eval_set: EvalSet) -> Dict[str, np.ndarray]:
+    if eval_set.key == IN_SITE:
+      return self.embeddings(network, eval_set.split)
+    output = os.path.join(self.workdir, 'embeddings', eval_set.key,
+                          f'{network}_{eval_set.split}.npz')
+    return self._embed(network, eval_set.source, output)
+
+  def truth(self, eval_set: EvalSet):
+    """(labels, known) of the task finding on `eval_set`, from its embeddings file."""
+    first = next(iter(self.config.networks))
+    return _task_labels(self.test_embeddings(first, eval_set), eval_set.finding,
+                        self.config.data.uncertain, f'{eval_set.source} ({eval_set.key})')
 
   def budget_draws(self, labels, known, draws: int):
     """{(budget, draw): training indices}, the same for every method."""
@@ -128,20 +201,21 @@ class Study:
         out[(budget, draw)] = pool[chosen]
     return out
 
-  def add(self, method, network, budget, draw, auroc):
+  def add(self, method, network, budget, draw, test_set, auroc):
     row = {'method': method, 'network': network, 'budget': str(budget), 'draw': draw,
-           'auroc': auroc}
+           'test_set': test_set, 'auroc': auroc}
     self.rows.append(row)
     logging.info('%s', row)
-    print(f'{method:>10} {network:>8} budget {budget!s:>5} draw {draw}: AUROC {auroc:.3f}',
-          file=sys.stderr, flush=True)
+    print(f'{method:>10} {network:>8} budget {budget!s:>5} draw {draw} {test_set:>8}: '
+          f'AUROC {auroc:.3f}', file=sys.stderr, flush=True)
 
-  def run_probes(self, test_labels, test_known):
+  def run_probes(self, truth):
+    """Probes per network, budget and draw, each fitted once and scored on every set."""
     config = self.config
     draws = None
     for network in config.networks:
       train = self.embeddings(network, config.data.train_split)
-      test = self.embeddings(network, config.data.test_split)
+      tests = {s.key: self.test_embeddings(network, s)['embedding'] for s in self.eval_sets}
       y, known = _task_labels(train, config.data.finding, config.data.uncertain,
                               f'{network} {config.data.train_split}')
       draws = draws or self.budget_draws(y, known, config.draws)
@@ -149,9 +223,10 @@ class Study:
         for kind in config.probes:
           fitted = probe_lib.fit(train['embedding'][indices], y[indices][:, None], kind=kind,
                                  findings=(config.data.finding,), seed=draw)
-          scores = fitted.predict(test['embedding'])[:, 0]
-          self.add(f'{kind}_probe', network, budget, draw,
-                   _auroc(test_labels, scores, test_known))
+          for key, embedding in tests.items():
+            scores = fitted.predict(embedding)[:, 0]
+            self.add(f'{kind}_probe', network, budget, draw, key,
+                     _auroc(*truth[key], scores=scores))
     return draws
 
   def finetune_config(self, network: str, mode: str, indices, draw: int):
@@ -188,7 +263,7 @@ class Study:
     config.optimizer.schedule.warmup_steps = max(study.steps // 10, 1)
     return config
 
-  def run_finetuning(self, draws, test_labels, test_known):
+  def run_finetuning(self, draws, truth):
     from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
     study = self.config.finetune
     for network in study.networks:
@@ -199,60 +274,66 @@ class Study:
             continue
           run_dir = os.path.join(self.workdir, 'finetune', f'{network}_{mode}_{budget}_{draw}')
           trainer.train(self.finetune_config(network, mode, indices, draw), run_dir)
-          output = os.path.join(run_dir, 'test_outputs.npz')
-          embed.embed_dataset(self.model(run_dir),
-                              f'{self.config.data.name}:{self.config.data.test_split}',
-                              output, batch_size=self.config.embed_batch_size,
-                              data_dir=self.data_dir)
-          logits = embed.load_embeddings(output)['logits'][:, 0]
+          model = self.model(run_dir)
           method = 'finetune' if mode == 'full' else mode
-          self.add(method, network, budget, draw, _auroc(test_labels, logits, test_known))
+          for eval_set in self.eval_sets:  # The same checkpoint on every test set.
+            suffix = '' if eval_set.key == IN_SITE else f'_{eval_set.key}'
+            output = os.path.join(run_dir, f'test_outputs{suffix}.npz')
+            embed.embed_dataset(model, eval_set.source, output,
+                                batch_size=self.config.embed_batch_size, data_dir=self.data_dir)
+            logits = embed.load_embeddings(output)['logits'][:, 0]
+            self.add(method, network, budget, draw, eval_set.key,
+                     _auroc(*truth[eval_set.key], scores=logits))
 
   def run(self):
-    config = self.config
-    first = next(iter(config.networks))
-    test = self.embeddings(first, config.data.test_split)
-    test_labels, test_known = _task_labels(test, config.data.finding, config.data.uncertain,
-                                           f'{first} {config.data.test_split}')
-    draws = self.run_probes(test_labels, test_known)
-    self.run_finetuning(draws, test_labels, test_known)
+    truth = {s.key: self.truth(s) for s in self.eval_sets}
+    draws = self.run_probes(truth)
+    self.run_finetuning(draws, truth)
     report_lib.write_csv(os.path.join(self.workdir, 'results.csv'), self.rows)
     summary = self.summarise()
     report_lib.write_csv(os.path.join(self.workdir, 'summary.csv'), summary)
-    figures = self.figures(summary, test_labels, test_known)
+    figures = self.figures(summary, *truth[IN_SITE])
     exported = self.export()
-    self.write_report(summary, figures, exported, int(test_known.sum()),
-                      int(test_labels[test_known].sum()))
+    self.write_report(summary, figures, exported, truth)
     return summary
 
   def summarise(self) -> List[dict]:
     groups = {}
     for row in self.rows:
-      groups.setdefault((row['method'], row['network'], row['budget']), []).append(row['auroc'])
+      key = (row['method'], row['network'], row['budget'], row['test_set'])
+      groups.setdefault(key, []).append(row['auroc'])
     summary = []
-    for (method, network, budget), values in groups.items():
+    for (method, network, budget, test_set), values in groups.items():
       values = np.asarray(values, np.float64)
       summary.append({'method': method, 'network': network, 'budget': budget,
-                      'draws': len(values), 'auroc_mean': float(np.nanmean(values)),
+                      'test_set': test_set, 'draws': len(values),
+                      'auroc_mean': float(np.nanmean(values)),
                       'auroc_min': float(np.nanmin(values)),
                       'auroc_max': float(np.nanmax(values))})
     return summary
 
   def figures(self, summary, test_labels, test_known) -> Dict[str, str]:
+    """Data-efficiency curves per test set (in-site: data_efficiency.png), t-SNE maps."""
     from cxr_jax.eval import plots  # pylint: disable=g-import-not-at-top
     figures = {}
-    curves = {}
-    for row in summary:
-      if row['budget'] == 'all':
+    for eval_set in self.eval_sets:
+      curves = {}
+      for row in _rows_of(summary, eval_set.key):
+        if row['budget'] == 'all':
+          continue
+        curves.setdefault(f"{row['method']} ({row['network']})", []).append(
+            {'metric': 'auroc', 'budget': int(row['budget']),
+             'num_examples': int(row['budget']), 'mean': row['auroc_mean'],
+             'low': row['auroc_min'], 'high': row['auroc_max']})
+      if not curves:  # Only 'all' budgets: no curve to draw.
         continue
-      curves.setdefault(f"{row['method']} ({row['network']})", []).append(
-          {'metric': 'auroc', 'budget': int(row['budget']),
-           'num_examples': int(row['budget']), 'mean': row['auroc_mean'],
-           'low': row['auroc_min'], 'high': row['auroc_max']})
-    path = os.path.join(self.workdir, 'data_efficiency.png')
-    plots.plot_data_efficiency(curves, path, title=f'{self.config.data.finding}: AUROC '
-                               'against training labels', ylabel='test AUROC')
-    figures['data_efficiency'] = os.path.basename(path)
+      name = ('data_efficiency' if eval_set.key == IN_SITE
+              else f'data_efficiency_{eval_set.key}')
+      where = 'in-site test' if eval_set.key == IN_SITE else f'external: {eval_set.key}'
+      path = os.path.join(self.workdir, f'{name}.png')
+      plots.plot_data_efficiency(curves, path, title=f'{self.config.data.finding}: AUROC '
+                                 f'against training labels ({where})', ylabel='test AUROC')
+      figures[name] = os.path.basename(path)
     for network in self.config.tsne:
       if network not in self.config.networks:
         continue
@@ -281,31 +362,55 @@ class Study:
       raise RuntimeError(f'Exporting {network} failed; see {log_path}.')
     return output
 
-  def write_report(self, summary, figures, exported, num_test, num_positive):
+  def write_report(self, summary, figures, exported, truth):
     config = self.config
     doc = report_lib.Report(f'Transfer study: {config.data.finding} on {config.data.name}')
+    labels, known = truth[IN_SITE]
     doc.paragraph(
-        f'Test set: {num_test} images of `{config.data.name}:{config.data.test_split}` with a '
-        f'known `{config.data.finding}` label ({num_positive} positive). Training labels are '
-        f'drawn from `{config.data.train_split}`: {config.draws} draws per budget for probes, '
-        f'{config.finetune.draws} for fine-tuning; the same draws for every method. '
-        'Numbers are test AUROC: mean over draws [min, max].')
-    doc.section('AUROC by method and label budget')
+        f'Test set: {int(known.sum())} images of `{config.data.name}:{config.data.test_split}` '
+        f'with a known `{config.data.finding}` label ({int(labels[known].sum())} positive). '
+        f'Training labels are drawn from `{config.data.train_split}`: {config.draws} draws per '
+        f'budget for probes, {config.finetune.draws} for fine-tuning; the same draws for every '
+        'method. Numbers are test AUROC: mean over draws [min, max].')
+    external = [s for s in self.eval_sets if s.key != IN_SITE]
+    if external:
+      described = '; '.join(
+          f'`{s.key}`: {int(truth[s.key][1].sum())} images of `{s.source}` with a known '
+          f'`{s.finding}` label ({int(truth[s.key][0][truth[s.key][1]].sum())} positive)'
+          for s in external)
+      doc.paragraph(f'External test sets (other sites; nothing trains on them, every probe '
+                    f'and fine-tuned network above is applied to them as it is): {described}.')
     budgets = [str(b) for b in config.budgets]
-    table = {}
-    for row in summary:
-      key = (row['method'], row['network'])
-      cell = f"{row['auroc_mean']:.3f}"
-      if row['draws'] > 1:
-        cell += f" [{row['auroc_min']:.3f}, {row['auroc_max']:.3f}]"
-      table.setdefault(key, {'method': row['method'], 'network': row['network']})[
-          row['budget']] = cell
-    doc.table(list(table.values()), ['method', 'network'] + budgets)
+    doc.section('AUROC by method and label budget (in-site test set)')
+    doc.table(_budget_table(_rows_of(summary, IN_SITE)), ['method', 'network'] + budgets)
+    if external:
+      doc.section('In-site and external AUROC, side by side')
+      doc.paragraph('Mean test AUROC over draws on each test set, and the change from in-site '
+                    'to each external set (negative: the method lost AUROC at the new site).')
+      columns = {'method': 'method', 'network': 'network', 'budget': 'labels',
+                 IN_SITE: 'in-site'}
+      for eval_set in external:
+        columns[eval_set.key] = eval_set.key
+        columns[f'change_{eval_set.key}'] = f'change ({eval_set.key})'
+      table = side_by_side(summary, [s.key for s in external])
+      for row in table:
+        for eval_set in external:
+          row[f'change_{eval_set.key}'] = _signed(row[f'change_{eval_set.key}'])
+      doc.table(table, columns)
     doc.section('The published claims, on this run')
-    for line in claims(summary, budgets):
+    for line in claims(summary, budgets, cxr=config.cxr_network):
       doc.paragraph(line)
+    for eval_set in external:
+      doc.paragraph(f'On the external test set `{eval_set.key}`:')
+      for line in claims(summary, budgets, test_set=eval_set.key, cxr=config.cxr_network):
+        doc.paragraph(line)
     if 'data_efficiency' in figures:
       doc.image(figures['data_efficiency'], 'Test AUROC against the number of training labels.')
+    for eval_set in external:
+      if f'data_efficiency_{eval_set.key}' in figures:
+        doc.image(figures[f'data_efficiency_{eval_set.key}'],
+                  f'AUROC on the external test set {eval_set.key} against the number of '
+                  'training labels.')
     tsne = [k for k in figures if k.startswith('tsne_')]
     if tsne:
       doc.section('Embeddings of the test set')
@@ -317,8 +422,61 @@ class Study:
                     f'`{os.path.relpath(exported, self.workdir)}` (signatures take images or '
                     'PNG bytes and return embeddings).')
     doc.write(os.path.join(self.workdir, 'report.md'))
+    values = claim_values(summary, budgets, cxr=config.cxr_network)
+    if external:
+      values['external'] = {s.key: claim_values(summary, budgets, test_set=s.key,
+                                                cxr=config.cxr_network) for s in external}
     with open(os.path.join(self.workdir, 'claims.json'), 'w') as f:
-      json.dump(claim_values(summary, budgets), f, indent=2)
+      json.dump(values, f, indent=2)
+
+
+def _rows_of(summary, test_set: str) -> List[dict]:
+  """Summary rows of one test set; rows without a test_set are in-site."""
+  return [row for row in summary if row.get('test_set', IN_SITE) == test_set]
+
+
+def _budget_table(summary) -> List[dict]:
+  """One row per (method, network), one 'mean [min, max]' cell per budget."""
+  table = {}
+  for row in summary:
+    cell = f"{row['auroc_mean']:.3f}"
+    if row['draws'] > 1:
+      cell += f" [{row['auroc_min']:.3f}, {row['auroc_max']:.3f}]"
+    table.setdefault((row['method'], row['network']), {
+        'method': row['method'], 'network': row['network']})[row['budget']] = cell
+  return list(table.values())
+
+
+def side_by_side(summary, external: List[str]) -> List[dict]:
+  """Per (method, network, budget): in-site mean AUROC, each external set's, and the change.
+
+  Keys: 'method', 'network', 'budget', IN_SITE, then NAME and 'change_NAME' (NAME minus
+  in-site) per external set; None where a test set has no score for that method.
+  """
+  means = {}
+  for row in summary:
+    key = (row['method'], row['network'], row['budget'])
+    means.setdefault(key, {})[row.get('test_set', IN_SITE)] = row['auroc_mean']
+  # Grouped by method, then network, in the order they were run; budgets in their order.
+  methods = list(dict.fromkeys(method for method, _, _ in means))
+  networks = list(dict.fromkeys(network for _, network, _ in means))
+  order = sorted(means, key=lambda k: (methods.index(k[0]), networks.index(k[1])))
+  table = []
+  for method, network, budget in order:
+    by_set = means[(method, network, budget)]
+    in_site = by_set.get(IN_SITE)
+    out = {'method': method, 'network': network, 'budget': budget, IN_SITE: in_site}
+    for name in external:
+      out[name] = by_set.get(name)
+      out[f'change_{name}'] = None if None in (in_site, out[name]) else out[name] - in_site
+    table.append(out)
+  return table
+
+
+def _signed(value) -> Optional[str]:
+  if value is None:
+    return None
+  return 'n/a' if np.isnan(value) else f'{value:+.3f}'
 
 
 def _mean(summary, method, network, budget):
@@ -328,13 +486,18 @@ def _mean(summary, method, network, budget):
   return None
 
 
-def claim_values(summary, budgets) -> Dict[str, Dict[str, list]]:
-  """Per claim and budget: (value of the claimed-better method, of the baseline)."""
+def claim_values(summary, budgets, test_set: str = IN_SITE,
+                 cxr: str = 'cxr') -> Dict[str, Dict[str, list]]:
+  """Per claim and budget on `test_set`: (value of the claimed-better method, of the baseline).
+
+  `cxr` names the CXR network the claims are about.
+  """
   pairs = {
-      'cxr_beats_generic_linear_probe': (('linear_probe', 'cxr'), ('linear_probe', 'generic')),
-      'pretraining_beats_scratch': (('finetune', 'cxr'), ('finetune', 'scratch')),
-      'lpft_at_least_finetune': (('lpft', 'cxr'), ('finetune', 'cxr')),
+      'cxr_beats_generic_linear_probe': (('linear_probe', cxr), ('linear_probe', 'generic')),
+      'pretraining_beats_scratch': (('finetune', cxr), ('finetune', 'scratch')),
+      'lpft_at_least_finetune': (('lpft', cxr), ('finetune', cxr)),
   }
+  summary = _rows_of(summary, test_set)
   out = {}
   for claim, (better, baseline) in pairs.items():
     values = {b: (_mean(summary, *better, b), _mean(summary, *baseline, b)) for b in budgets}
@@ -342,7 +505,7 @@ def claim_values(summary, budgets) -> Dict[str, Dict[str, list]]:
   return out
 
 
-def claims(summary, budgets) -> List[str]:
+def claims(summary, budgets, test_set: str = IN_SITE, cxr: str = 'cxr') -> List[str]:
   text = {
       'cxr_beats_generic_linear_probe': 'CXR-specific pretraining beats generic pretraining '
                                         '(linear probe on the embeddings)',
@@ -350,7 +513,7 @@ def claims(summary, budgets) -> List[str]:
       'lpft_at_least_finetune': 'LP-FT is at least as good as fine-tuning alone',
   }
   lines = []
-  for claim, values in claim_values(summary, budgets).items():
+  for claim, values in claim_values(summary, budgets, test_set, cxr).items():
     if not values:
       lines.append(f'**{text[claim]}**: not measured in this run.')
       continue

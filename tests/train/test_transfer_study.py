@@ -1,11 +1,35 @@
-"""The transfer study's verdicts on the published claims, from its summary rows."""
+"""The transfer study: its verdicts on the published claims, and external-site scores
+side by side with in-site ones (checked against scikit-learn on the files it keeps)."""
 
+import csv
+import importlib.util
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
+from cxr_jax import embed
+from cxr_jax import probe as probe_lib
+from cxr_jax.data import pipeline
+from cxr_jax.train import chain
+from cxr_jax.train import config_lib
+from cxr_jax.train import trainer
 from cxr_jax.train import transfer_study
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FINDING = 'airspace_opacity'
+PP = 'decode|window|central_crop(28)|value_range(-1, 1, 0, 1)|rgb'
 
-def row(method, network, budget, auroc):
-  return {'method': method, 'network': network, 'budget': budget, 'draws': 3,
-          'auroc_mean': auroc, 'auroc_min': auroc, 'auroc_max': auroc}
+
+def row(method, network, budget, auroc, test_set=None):
+  out = {'method': method, 'network': network, 'budget': budget, 'draws': 3,
+         'auroc_mean': auroc, 'auroc_min': auroc, 'auroc_max': auroc}
+  if test_set:
+    out['test_set'] = test_set
+  return out
 
 
 def test_claims_compare_the_right_methods_at_each_budget():
@@ -22,3 +46,177 @@ def test_claims_compare_the_right_methods_at_each_budget():
   assert 'holds at every budget' in lines[1]
   assert 'does not hold' in lines[2]
   assert 'not measured' in transfer_study.claims([], ['10'])[0]
+  # External rows never enter the in-site verdicts, and have verdicts of their own.
+  summary += [row('linear_probe', 'cxr', '10', 0.55, 'site_c'),
+              row('linear_probe', 'generic', '10', 0.65, 'site_c')]
+  assert transfer_study.claim_values(summary, ['10']) == transfer_study.claim_values(
+      summary[:-2], ['10'])
+  external = transfer_study.claim_values(summary, ['10'], test_set='site_c')
+  assert external['cxr_beats_generic_linear_probe'] == {'10': (0.55, 0.65)}
+  assert external['pretraining_beats_scratch'] == {}
+  # The network the claims are about is a setting (e.g. 'supcon' in a comparison).
+  renamed = [dict(r, network='supcon' if r['network'] == 'cxr' else r['network'])
+             for r in summary]
+  assert transfer_study.claim_values(renamed, ['10'], cxr='supcon') == (
+      transfer_study.claim_values(summary, ['10']))
+
+
+def test_side_by_side_pairs_each_method_with_its_external_scores():
+  summary = [row('linear_probe', 'cxr', '10', 0.80, 'in_site'),
+             row('linear_probe', 'cxr', '10', 0.70, 'site_c'),
+             row('mlp_probe', 'cxr', '10', 0.75, 'in_site'),
+             row('linear_probe', 'cxr', '45', 0.90, 'in_site'),
+             row('linear_probe', 'cxr', '45', float('nan'), 'site_c')]
+  table = transfer_study.side_by_side(summary, ['site_c'])
+  assert [(r['method'], r['budget']) for r in table] == [
+      ('linear_probe', '10'), ('linear_probe', '45'), ('mlp_probe', '10')]
+  assert table[0]['in_site'] == 0.80 and table[0]['site_c'] == 0.70
+  assert table[0]['change_site_c'] == pytest.approx(-0.10)
+  assert np.isnan(table[1]['change_site_c'])
+  assert table[2]['site_c'] is None and table[2]['change_site_c'] is None
+
+
+def _study_config(**external):
+  config = transfer_study.default_config()
+  config.networks = ml_collections.ConfigDict({'cxr': '/runs/cxr'})
+  config.external = ml_collections.ConfigDict(external)
+  return config
+
+
+@pytest.mark.parametrize('external,message', [
+    ({'in_site': {'name': 'x'}}, "'in_site' is the name of the in-site test split"),
+    ({'site_c': {'name': 'x', 'spilt': 'test'}},
+     r"config.external.site_c has keys \['spilt'\]; valid keys: \['name', 'split', 'finding'\]"),
+    ({'site_c': {'split': 'test'}}, r"config.external.site_c.name=''"),
+    ({'site_c': 'synthetic_cxr/site_c'}, 'config.external.site_c must be a section'),
+    ({'site_c': {'name': 'synthetic_cxr/site_b', 'split': 'train'}},
+     'the split every method trains on'),
+])
+def test_bad_external_sets_are_named(external, message):
+  with pytest.raises(ValueError, match=message):
+    transfer_study.Study(_study_config(**external), '/unused')
+
+
+def test_external_sets_come_from_the_recipe_argument_and_chain_references():
+  spec = importlib.util.spec_from_file_location(
+      '_transfer_study_recipe', os.path.join(REPO, 'configs', 'transfer_study.py'))
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  config = recipe.get_config('site_c=@site_c, nih=nih_cxr14')
+  sets = transfer_study.eval_sets(chain.resolve(config, {'site_c': 'synthetic_cxr/c_32px'}))
+  assert [(s.key, s.source, s.finding) for s in sets] == [
+      ('in_site', 'synthetic_cxr/site_b:test', FINDING), ('nih', 'nih_cxr14:test', FINDING),
+      ('site_c', 'synthetic_cxr/c_32px:test', FINDING)]
+  assert recipe.get_config('c=a/b:validation').external.c.split == 'validation'
+  for bad in ('site_c', '=a/b', 'my-site=a/b', 'c=a/b,c=a/d'):
+    with pytest.raises(ValueError, match='configs/transfer_study.py:'):
+      recipe.get_config(bad)
+
+
+@pytest.fixture(scope='module')
+def tiny_study(tmp_path_factory):
+  """A study of one tiny SupCon network, run first in-site only, then again in the same
+  workdir with site C's train split (another scanner) as an external test set."""
+  from cxr_jax.data.builders import synthetic as sb  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('study')
+  data_dir = str(root / 'tfds')
+  site_b = sb.prepare(sb.make_cxr_config('B', image_size=32, num_examples=300,
+                                         label_noise=0.0), data_dir)
+  site_c = sb.prepare(sb.make_cxr_config('C', image_size=32, num_examples=60,
+                                         label_noise=0.0), data_dir)
+  network = config_lib.base_config()
+  network.trainer, network.model_name = 'supcon', 'bit-tiny'
+  network.total_steps, network.batch_size, network.checkpoint.every = 2, 8, 2
+  network.data.name, network.data.data_dir = site_b, data_dir
+  network.data.pp = 'decode|window|two_views|random_crop(28)|value_range(-1, 1, 0, 1)|rgb'
+  network.data.pp_eval = PP
+  network.init_image_size = 28
+  network.optimizer.schedule.warmup_steps = 1
+  trainer.train(network, str(root / 'cxr'))
+
+  config = transfer_study.default_config()
+  config.data.name, config.data.data_dir, config.data.finding = site_b, data_dir, FINDING
+  config.networks = ml_collections.ConfigDict({'cxr': str(root / 'cxr')})
+  config.budgets, config.draws, config.probes = (20,), 1, ('linear',)
+  config.finetune.networks, config.finetune.modes = ('cxr',), ('full',)
+  config.finetune.steps, config.finetune.batch_size = 2, 8
+  config.tsne, config.export.network = (), ''
+  workdir = str(root / 'study')
+
+  def outputs():
+    with open(os.path.join(workdir, 'results.csv')) as f:
+      results = list(csv.DictReader(f))
+    with open(os.path.join(workdir, 'summary.csv')) as f:
+      summary = list(csv.DictReader(f))
+    with open(os.path.join(workdir, 'claims.json')) as f:
+      claims = json.load(f)
+    with open(os.path.join(workdir, 'report.md')) as f:
+      report = f.read()
+    return {'results': results, 'summary': summary, 'claims': claims, 'report': report}
+
+  transfer_study.run_study(config, workdir)
+  before = outputs()
+  config.external = ml_collections.ConfigDict(
+      {'site_c': {'name': site_c, 'split': 'train', 'finding': ''}})
+  transfer_study.run_study(config, workdir)
+  return {'config': config, 'workdir': workdir, 'site_c': site_c, 'data_dir': data_dir,
+          'before': before, 'after': outputs()}
+
+
+def _truth(data):
+  """(labels, known) of FINDING from raw codes: 1 positive; 0 and unmentioned negative."""
+  codes = data['labels'][:, list(data['findings']).index(FINDING)]
+  return (codes == 1).astype(int), codes != -1
+
+
+@pytest.mark.slow
+def test_external_scores_sit_beside_unchanged_in_site_scores(tiny_study):
+  workdir, before, after = tiny_study['workdir'], tiny_study['before'], tiny_study['after']
+  # In-site rows are what they were without the external set; each gained its twin.
+  in_site = [r for r in after['results'] if r['test_set'] == 'in_site']
+  assert in_site == before['results']
+  assert [(r['method'], r['test_set']) for r in after['results']] == [
+      ('linear_probe', 'in_site'), ('linear_probe', 'site_c'),
+      ('finetune', 'in_site'), ('finetune', 'site_c')]
+  assert {r['test_set'] for r in after['summary']} == {'in_site', 'site_c'}
+  external = {r['method']: float(r['auroc']) for r in after['results']
+              if r['test_set'] == 'site_c'}
+
+  # The probe: refitted on the same training draw, applied to site C's embeddings.
+  study = transfer_study.Study(tiny_study['config'], workdir)
+  train = embed.load_embeddings(os.path.join(workdir, 'embeddings', 'cxr_train.npz'))
+  site_c = embed.load_embeddings(os.path.join(workdir, 'embeddings', 'site_c', 'cxr_train.npz'))
+  source, _ = pipeline.open_source(tiny_study['site_c'], 'train', tiny_study['data_dir'])
+  assert len(site_c['id']) == len(source)
+  assert json.loads(str(site_c['embed_spec']))['data']['tfds'] == f"{tiny_study['site_c']}:train"
+  y, known = _truth(train)
+  (indices,) = study.budget_draws(y, known, 1).values()
+  fitted = probe_lib.fit(train['embedding'][indices], y[indices][:, None], kind='linear',
+                         findings=(FINDING,), seed=0)
+  y_c, known_c = _truth(site_c)
+  assert 0 < y_c[known_c].sum() < known_c.sum()  # Both classes: the AUROC is defined.
+  scores = fitted.predict(site_c['embedding'])[:, 0]
+  assert external['linear_probe'] == pytest.approx(
+      sk_metrics.roc_auc_score(y_c[known_c], scores[known_c]), abs=1e-6)
+
+  # The fine-tuned checkpoint, applied to site C: its kept outputs.
+  outputs = embed.load_embeddings(os.path.join(
+      workdir, 'finetune', 'cxr_full_20_0', 'test_outputs_site_c.npz'))
+  np.testing.assert_array_equal(outputs['id'], site_c['id'])
+  assert external['finetune'] == pytest.approx(sk_metrics.roc_auc_score(
+      y_c[known_c], outputs['logits'][known_c, 0]), abs=1e-6)
+
+  # Report: the in-site table as before, then both test sets side by side.
+  report = after['report']
+  assert '| method | network | 20 |' in report
+  assert '| method | network | labels | in-site | site_c | change (site_c) |' in report
+  in_site_probe = float(in_site[0]['auroc'])
+  change = external['linear_probe'] - in_site_probe
+  assert (f"| linear_probe | cxr | 20 | {in_site_probe:.3f} | {external['linear_probe']:.3f} "
+          f'| {change:+.3f} |') in report
+  assert f"`{tiny_study['site_c']}:train`" in report
+  assert os.path.getsize(os.path.join(workdir, 'data_efficiency_site_c.png')) > 1000
+  # claims.json: in-site claims unchanged, external ones under their own key.
+  claims = dict(after['claims'])
+  assert set(claims.pop('external')) == {'site_c'}
+  assert claims == before['claims']
