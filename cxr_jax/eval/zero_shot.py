@@ -18,23 +18,22 @@ speak the language of the synthetic reports; other datasets pass their own promp
 writes OUTPUT_DIR/zero_shot_scores.npz ('scores' float32 [N, K], 'labels' int8 label
 codes [N, K], 'findings', 'id' and the metadata arrays) and the evaluation files of
 `cxr_jax.eval.evaluate.evaluate_predictions` (name 'zero_shot').
+
+The run is loaded with `inference.load_run`, so prompts and images are encoded as the
+embedding tool and SavedModel exports encode them: texts by `Model.embed_texts`,
+images (preprocessed with the run's `pp_eval`) by the Model's forward pass.
 """
 
-import functools
 import json
 import os
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import app
 from absl import flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from cxr_jax import inference
 from cxr_jax.data import pipeline
-from cxr_jax.text import tokenizer as tokenizer_lib
-from cxr_jax.train import checkpointing
-from cxr_jax.train import image_text
 
 FLAGS = flags.FLAGS
 
@@ -70,10 +69,13 @@ def _phrases(value: Phrases, finding: str, side: str) -> Tuple[str, ...]:
   return phrases
 
 
-def prompt_embeddings(network: image_text.ImageTextNetwork, variables, tokenizer,
-                      findings: Sequence[str], prompts: Optional[Prompts] = None
+def prompt_embeddings(model, findings: Sequence[str], prompts: Optional[Prompts] = None
                       ) -> Tuple[np.ndarray, np.ndarray]:
-  """(positive, negative) float32 [K, E]: each finding's prompts in the shared space."""
+  """(positive, negative) float32 [K, E]: each finding's prompts in the joint space.
+
+  `model`: an image-text `inference.Model`, or anything else whose `embed_texts(texts)`
+  gives unit-length [N, E] rows (`embed.SavedModelEmbedder` of an exported run).
+  """
   prompts = DEFAULT_PROMPTS if prompts is None else prompts
   missing = [f for f in findings if f not in prompts]
   if missing:
@@ -81,10 +83,7 @@ def prompt_embeddings(network: image_text.ImageTextNetwork, variables, tokenizer
                      f'{sorted(prompts)}. Pass prompts for them (or choose findings).')
   groups = [_phrases(prompts[f][index], f, side) for index, side in
             enumerate(('positive', 'negative')) for f in findings]
-  # One forward pass (one compilation) for every phrase of both sides.
-  tokens = tokenizer.encode([p for group in groups for p in group], network.text.max_len)
-  encoded = np.asarray(jax.jit(functools.partial(
-      network.apply, method=image_text.ImageTextNetwork.encode_text))(variables, tokens))
+  encoded = model.embed_texts([p for group in groups for p in group])
   bounds = np.cumsum([0] + [len(group) for group in groups])
   mean = np.stack([encoded[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
   mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
@@ -125,13 +124,11 @@ def zero_shot_from_workdir(workdir: str, *, data: str = '', split: str = 'test',
     {'scores' float32 [N, K], 'labels' int8 codes [N, K], 'findings' [K], 'id' [N],
      and the metadata arrays (patient_id, study_id, sex, age, view, site)}.
   """
-  state, config, _ = checkpointing.read_checkpoint(workdir, step=step)
-  if 'text' not in state['params']:
-    raise ValueError(f'{workdir} is not an image-text run (its parameters are '
-                     f'{sorted(state["params"])}); zero-shot needs a text tower.')
-  network = image_text.build_network(config)
-  variables = {'params': state['params'], **state['model_state']}
-  tokenizer = tokenizer_lib.load_cached(config.text.tokenizer)
+  model = inference.load_run(workdir, step=step)
+  if not model.has_text:
+    raise ValueError(f'{workdir} (trainer {model.config.trainer!r}) is not an image-text '
+                     'run; zero-shot scoring needs its text tower.')
+  config = model.config
   if data_dir is None:
     data_dir = config.data.get('data_dir')
   source, info = pipeline.open_source(data or config.data.name, split, data_dir)
@@ -141,34 +138,35 @@ def zero_shot_from_workdir(workdir: str, *, data: str = '', split: str = 'test',
   if unknown:
     raise ValueError(f'Findings {unknown} are not in {data or config.data.name}; it has '
                      f'{all_findings}.')
-  positive, negative = prompt_embeddings(network, variables, tokenizer, findings, prompts)
+  positive, negative = prompt_embeddings(model, findings, prompts)
 
-  # Raw label codes (no label policy) and the string features, in stored order.
-  loader = pipeline.make_pipeline(source, pp=config.data.pp_eval, batch_size=batch_size,
+  # Raw label codes (no label policy) and the string features, in stored order. The
+  # loader preprocesses with the run's pp_eval, as `Model.preprocess` does; the images
+  # then go through the Model's forward pass, the one embedding and export use.
+  loader = pipeline.make_pipeline(source, pp=model.pp_eval, batch_size=batch_size,
                                   seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
                                   process_index=0, process_count=1, keep_text=True)
-  encode = jax.jit(lambda v, x: network.apply(
-      v, x, method=image_text.ImageTextNetwork.encode_image))
   columns = [all_findings.index(f) for f in findings]
   parts = {'embedding': [], 'labels': [], 'id': []}
   parts.update({key: [] for key in METADATA_KEYS})
   for batch in loader:
-    parts['embedding'].append(np.asarray(encode(variables, jnp.asarray(batch['image']))))
+    # Padded to batch_size, so that the last, partial batch reuses the compiled function.
+    parts['embedding'].append(inference.in_padded_batches(
+        lambda images: model.apply(images)['image_embedding'], batch['image'], batch_size,
+        model.joint_embedding_dim))
     parts['labels'].append(np.asarray(batch['labels'], np.int8)[:, columns])
     parts['id'].append(batch['image_id'])
     for key in METADATA_KEYS:
       parts[key].append(batch[key])
   if not parts['embedding']:
     raise ValueError(f'{data or config.data.name}:{split} has no images.')
-  logit_scale = float(jax.jit(lambda v: network.apply(
-      v, method=image_text.ImageTextNetwork.logit_scale))(variables))
   out = {k: np.concatenate(v) for k, v in parts.items()}
   embedding = out.pop('embedding')
   for key in ('id', *METADATA_KEYS):
     if out[key].dtype.kind in 'SO':
       out[key] = np.array([v.decode('utf-8') if isinstance(v, bytes) else str(v)
                            for v in out[key]])
-  out['scores'] = zero_shot_scores(embedding, positive, negative, logit_scale)
+  out['scores'] = zero_shot_scores(embedding, positive, negative, model.logit_scale)
   out['findings'] = np.array(findings)
   return out
 

@@ -1,8 +1,10 @@
-"""Zero-shot scores: the two-prompt softmax on a toy case, prompt ensembles, and a short
-image-text run whose zero-shot AUROC on held-out synthetic images is well above chance."""
+"""Zero-shot scores: the two-prompt softmax on a toy case, prompt ensembles, the refusal
+of a run without a text tower, and a short image-text run whose zero-shot AUROC on its
+synthetic images is well above chance."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,18 +15,20 @@ import optax
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr_jax import models
+from cxr_jax import inference
 from cxr_jax.data import pipeline
 from cxr_jax.data import synthetic
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.eval import zero_shot
-from cxr_jax.models import text as text_models
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
+from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Room for the longest default prompt in the small test tokenizer's subwords.
+TEXT_MAX_LEN = 32
 
 
 def test_scores_are_the_two_prompt_softmax():
@@ -60,33 +64,33 @@ def test_toy_images_are_ranked_by_their_finding():
 
 @pytest.fixture(scope='module')
 def text_side(tmp_path_factory):
-  """An image-text network with only its text side initialised (all prompts need)."""
+  """An image-text Model with only its text side initialised (all prompts need)."""
   path = str(tmp_path_factory.mktemp('tok') / 'tok.json')
   reports = [synthetic.study_metadata(i, site='A')['report'] for i in range(100)]
   tokenizer_lib.Tokenizer.train(reports, 400).save(path)
-  tokenizer = tokenizer_lib.Tokenizer.load(path)
-  network = image_text.ImageTextNetwork(
-      models.get_model('bit-tiny', num_classes=None),
-      text_models.get_text_encoder('text-tiny', vocab_size=tokenizer.vocab_size, max_len=24),
-      embed_dim=8)
+  config = image_text.add_config_fields(config_lib.base_config())
+  config.trainer, config.model_name = 'image_text', 'bit-tiny'
+  config.text.tokenizer, config.text.max_len, config.head.embed_dim = path, TEXT_MAX_LEN, 8
+  network = image_text.build_network(config)
   variables = jax.jit(lambda r, t: network.init(
       r, t, method=image_text.ImageTextNetwork.encode_text))(
-          jax.random.PRNGKey(0), jnp.ones((1, 24), jnp.int32))
-  return network, variables, tokenizer
+          jax.random.PRNGKey(0), jnp.ones((1, TEXT_MAX_LEN), jnp.int32))
+  model = inference.Model(config=config, network=network, variables=variables)
+  return model, network, variables, tokenizer_lib.Tokenizer.load(path)
 
 
 def test_prompt_ensembles_average_their_phrasings(text_side):
-  network, variables, tokenizer = text_side
+  model, network, variables, tokenizer = text_side
   prompts = {'nodule': (['A nodule.', 'Rounded nodule.'], 'No nodule.'),
              'pneumothorax': ('Pneumothorax.', ('No pneumothorax.',))}
-  positive, negative = zero_shot.prompt_embeddings(network, variables, tokenizer,
-                                                   ['pneumothorax', 'nodule'], prompts)
+  positive, negative = zero_shot.prompt_embeddings(model, ['pneumothorax', 'nodule'], prompts)
   assert positive.shape == negative.shape == (2, 8)
 
+  # The reference applies the text tower directly to the tokenized phrases.
   texts = ['A nodule.', 'Rounded nodule.', 'Pneumothorax.', 'No pneumothorax.', 'No nodule.']
   encoded = dict(zip(texts, np.asarray(jax.jit(lambda v, t: network.apply(
       v, t, method=image_text.ImageTextNetwork.encode_text))(
-          variables, tokenizer.encode(texts, 24)))))
+          variables, tokenizer.encode(texts, TEXT_MAX_LEN)))))
   encode = encoded.get
   mean = encode('A nodule.') + encode('Rounded nodule.')
   np.testing.assert_allclose(positive[1], mean / np.linalg.norm(mean), atol=1e-5)
@@ -94,17 +98,15 @@ def test_prompt_ensembles_average_their_phrasings(text_side):
   np.testing.assert_allclose(negative[0], encode('No pneumothorax.'), atol=1e-5)
   np.testing.assert_allclose(negative[1], encode('No nodule.'), atol=1e-5)
   with pytest.raises(ValueError, match=r"No zero-shot prompts for \['atelectasis'\]"):
-    zero_shot.prompt_embeddings(network, variables, tokenizer, ['atelectasis'], prompts)
+    zero_shot.prompt_embeddings(model, ['atelectasis'], prompts)
   with pytest.raises(ValueError, match="the negative prompt must be a non-empty text"):
-    zero_shot.prompt_embeddings(network, variables, tokenizer, ['nodule'],
-                                {'nodule': ('A nodule.', [])})
+    zero_shot.prompt_embeddings(model, ['nodule'], {'nodule': ('A nodule.', [])})
 
 
 def test_default_prompts_cover_the_synthetic_findings(text_side, tmp_path):
   assert set(zero_shot.DEFAULT_PROMPTS) == set(synthetic.CXR_FINDINGS)
-  network, variables, tokenizer = text_side
-  positive, negative = zero_shot.prompt_embeddings(network, variables, tokenizer,
-                                                   synthetic.CXR_FINDINGS)
+  model = text_side[0]
+  positive, negative = zero_shot.prompt_embeddings(model, synthetic.CXR_FINDINGS)
   assert positive.shape == (len(synthetic.CXR_FINDINGS), 8)
   assert np.all(np.abs(positive - negative).sum(axis=1) > 1e-3)
   path = tmp_path / 'prompts.json'
@@ -113,6 +115,23 @@ def test_default_prompts_cover_the_synthetic_findings(text_side, tmp_path):
   path.write_text(json.dumps({'nodule': ['A nodule.', 'No nodule.']}))
   with pytest.raises(ValueError, match='must be {"positive"'):
     zero_shot.load_prompts(str(path))
+
+
+def test_a_run_without_a_text_tower_is_refused_by_name(monkeypatch):
+  # Never applied: the run is refused before any weights are needed.
+  config = config_lib.base_config()
+  config.trainer = 'supcon'
+  workdir = '/runs/supcon_cxr'
+  model = inference.Model(config=config, network=trainer.build_network(config), variables={},
+                          workdir=workdir)
+  with pytest.raises(ValueError, match=f"{workdir} .*is not an image-text run"):
+    zero_shot.prompt_embeddings(model, ['nodule'])
+  loaded = []
+  monkeypatch.setattr(inference, 'load_run', lambda path, step=None: loaded.append(path) or model)
+  with pytest.raises(ValueError, match=re.escape(
+      f"{workdir} (trainer 'supcon') is not an image-text run")):
+    zero_shot.zero_shot_from_workdir(workdir, data='no_such_dataset')
+  assert loaded == [workdir]
 
 
 def train_briefly(config, workdir, steps):
