@@ -38,22 +38,19 @@ scanner, radiologist-grade labels) at 10, 45, 100 and 500 labels; external: site
 test split (a third scanner). Site B rather than A is the downstream site so that
 in-site already means "a new hospital with its own labels", as in the published work;
 site C then measures what is lost when the trained probe itself moves. Images are 32 px
-(28 px crops), each pretraining 300 steps of 64 images. Train the report tokenizer the
-image-text stage reads first (default path runs/tokenizer.json, as in
-configs/image_text_cxr.py; the reports depend on site and seed, not image size, so the
-default site A build gives the same vocabulary):
+(28 px crops), each pretraining 300 steps of 64 images. One command runs it all: the
+first stage (`tokenizer`, cxr_jax/text/tokenizer.py) trains the report tokenizer that
+the image-text stage reads (WORKDIR/tokenizer/tokenizer.json, at most 1000 tokens) on
+site A's training reports:
 
-  python -m cxr_jax.data.build synthetic_cxr/site_a --data_dir ~/tensorflow_datasets
-  python -m cxr_jax.text.tokenizer --data synthetic_cxr/site_a:train \\
-      --data_dir ~/tensorflow_datasets --vocab_size 1000 --output runs/tokenizer.json
   python -m cxr_jax.main --config configs/pretraining_comparison.py --workdir runs/comparison
 
-The image-text stage runs right after the generic one, so a missing tokenizer stops
-the chain within minutes. Time, measured on a 2-core x86-64 CPU shared with other jobs
-(load average 6 to 9): 18.4 minutes in all: datasets 1.4, generic 2.5, image-text 2.4,
-supervised 2.2, SupCon 3.5, SimCLR 3.5, study 3.1 (embeddings, 240 probe fits, plots).
-At this size every network is near chance on the task (in-site AUROC 0.45 to 0.60, as
-in the quickstart): the run shows the machinery and the table, not yet the claims.
+Time, measured on a 2-core x86-64 CPU shared with other jobs (load average 6 to 9):
+18.4 minutes in all: datasets 1.4, generic 2.5, image-text 2.4, supervised 2.2, SupCon
+3.5, SimCLR 3.5, study 3.1 (embeddings, 240 probe fits, plots); the tokenizer stage,
+added since, takes seconds (its BPE training on 3200 reports, 0.4 s). At this size
+every network is near chance on the task (in-site AUROC 0.45 to 0.60, as in the
+quickstart): the run shows the machinery and the table, not yet the claims.
 
 Real (`:real`; not run here, sizes from the full-scale recipes): the builders register
 `mimic_cxr/chexpert` (MIMIC-CXR-JPG, CheXpert-labeler labels and, from
@@ -71,12 +68,11 @@ what configs/supcon_chexpert.py estimates (about an hour at a sustained 0.5 PFLO
 
   python -m cxr_jax.data.build mimic_cxr/chexpert --data_dir ~/tensorflow_datasets \\
       --manual_dir ~/data/mimic-cxr-jpg   # and nih_cxr14, cxr_chexpert/full
-  python -m cxr_jax.text.tokenizer --data mimic_cxr/chexpert:train \\
-      --data_dir ~/tensorflow_datasets --vocab_size 8000 --output runs/tokenizer_mimic.json
   python -m cxr_jax.main --config configs/pretraining_comparison.py:real \\
       --workdir runs/comparison_real
 
-(every stage starts from weights/BiT-M-R50x1.npz, from
+(the tokenizer stage trains on MIMIC's training reports, 8000 tokens at most; every
+network stage starts from weights/BiT-M-R50x1.npz, from
 https://github.com/google-research/big_transfer; `--config.stages.NAME.init.weights`).
 """
 
@@ -85,6 +81,7 @@ import os
 
 import ml_collections
 
+from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import image_text
 
 FINDING = 'airspace_opacity'  # The downstream task.
@@ -94,9 +91,9 @@ PRETRAINING_STEPS = 300  # Each of the four CXR pretrainings, at batch PRETRAINI
 PRETRAINING_BATCH = 64
 PP_EVAL = f'decode|window|central_crop({CROP})|value_range(-1, 1, 0, 1)|rgb'
 NETWORKS = ('generic', 'supervised', 'supcon', 'simclr', 'image_text')
-# image_text first after generic: it needs the tokenizer file, so a missing one stops
-# the chain before the other pretrainings have run.
-ORDER = ('generic', 'image_text', 'supervised', 'supcon', 'simclr', 'study')
+# The tokenizer first: it takes seconds, and image_text reads what it writes.
+ORDER = ('tokenizer', 'generic', 'image_text', 'supervised', 'supcon', 'simclr', 'study')
+TOKENIZER = '@tokenizer/' + tokenizer_lib.OUTPUT  # The file the tokenizer stage writes.
 REAL_PRETRAINING = 'mimic_cxr/chexpert'  # The real dataset with reports.
 MIMIC_IMAGES = 377_110  # MIMIC-CXR-JPG (Johnson et al. 2019); picks BiT-HyperRule's tier.
 REAL_WEIGHTS = 'weights/BiT-M-R50x1.npz'
@@ -133,6 +130,14 @@ def _pretraining(stage: ml_collections.ConfigDict, pp: str) -> ml_collections.Co
   stage.optimizer.schedule.warmup_steps = PRETRAINING_STEPS // 10
   stage.checkpoint.every = PRETRAINING_STEPS // 3
   stage.log_every = 20
+  return stage
+
+
+def _tokenizer(name: str, vocab_size: int) -> ml_collections.ConfigDict:
+  """The stage that trains the report tokenizer on dataset `name`'s training reports."""
+  stage = tokenizer_lib.default_config()
+  stage.data.name, stage.data.split, stage.data.data_dir = name, 'train', '@data_dir'
+  stage.vocab_size = vocab_size
   return stage
 
 
@@ -180,6 +185,7 @@ def _synthetic() -> ml_collections.ConfigDict:
   simclr.eval.every, simclr.eval.split = PRETRAINING_STEPS, 'validation'
 
   text = _recipe('image_text_cxr.py')
+  text.text.tokenizer = TOKENIZER  # The tokenize op in data.pp follows it.
   # Tokenize first: the report is read once per example (configs/image_text_cxr.py).
   text = _pretraining(text, image_text.tokenize_op(text) + f'|decode|window|{AUGMENT}')
 
@@ -189,8 +195,8 @@ def _synthetic() -> ml_collections.ConfigDict:
   study.pp_eval = PP_EVAL
 
   c.stages = ml_collections.ConfigDict({
-      'generic': generic, 'image_text': text, 'supervised': supervised, 'supcon': supcon,
-      'simclr': simclr, 'study': study})
+      'tokenizer': _tokenizer('@site_a', 1000), 'generic': generic, 'image_text': text,
+      'supervised': supervised, 'supcon': supcon, 'simclr': simclr, 'study': study})
   return c
 
 
@@ -232,7 +238,7 @@ def _real() -> ml_collections.ConfigDict:
   text.log_every, text.checkpoint.every = supcon.log_every, supcon.checkpoint.every
   text.data.workers = supcon.data.workers
   text.text.encoder = 'text-base'
-  text.text.tokenizer = 'runs/tokenizer_mimic.json'
+  text.text.tokenizer = TOKENIZER
   text.text.max_len = 128
   text.data.pp = (image_text.tokenize_op(text) + '|decode|resize(512)|window|'
                   + _module('supcon_chexpert.py').AUGMENT)
@@ -257,8 +263,8 @@ def _real() -> ml_collections.ConfigDict:
   study.finetune.learning_rate = 1e-4
 
   c.stages = ml_collections.ConfigDict({
-      'generic': generic, 'image_text': text, 'supervised': supervised, 'supcon': supcon,
-      'simclr': simclr, 'study': study})
+      'tokenizer': _tokenizer(REAL_PRETRAINING, 8000), 'generic': generic, 'image_text': text,
+      'supervised': supervised, 'supcon': supcon, 'simclr': simclr, 'study': study})
   return c
 
 

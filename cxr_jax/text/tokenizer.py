@@ -23,8 +23,16 @@ Design:
     otherwise. A report without the asked-for section falls back to what it has (the
     other section, else the whole text); training counts those reports and stores the
     counts in the file.
-  * One JSON file: {'format', 'sections', 'corpus' (what it was trained on and the
-    counts), 'tokenizer' (the `tokenizers` serialisation)}.
+  * One JSON file: {'format', 'sections', 'corpus' (what it was trained on, the
+    vocabulary size asked for, min_frequency and the counts), 'tokenizer' (the
+    `tokenizers` serialisation)}.
+  * The same training is also the `tokenizer` trainer (`run`, config `default_config()`),
+    so a chain (cxr_jax/train/chain.py) can train the tokenizer its image-text stage
+    reads: it writes WORKDIR/tokenizer.json and, like every trainer, resumes: a file
+    already there is kept when it was trained as the config asks, and is an error
+    otherwise. It is registered in cxr_jax/train/chain.py, not here, so that this module
+    (imported by data-loading workers and the command line) does not import the
+    training package.
 """
 
 import collections
@@ -37,6 +45,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -190,7 +199,8 @@ class Tokenizer:
     if counts['reports'] == counts['empty']:
       raise ValueError(f'No report text to train on in {source or "the reports given"} '
                        f'({counts["reports"]} reports, all empty).')
-    corpus = {'source': source, 'min_frequency': min_frequency, **counts}
+    corpus = {'source': source, 'max_vocab_size': vocab_size, 'min_frequency': min_frequency,
+              **counts}
     return cls(tokenizer, sections, corpus)
 
   def save(self, path: str) -> None:
@@ -290,23 +300,93 @@ def _parse_data(spec: str) -> Tuple[str, str]:
   return name, split
 
 
+def train_on_datasets(data: Sequence[Tuple[str, str]], vocab_size: int, *,
+                      data_dir: Optional[str] = None, sections: str = 'both',
+                      min_frequency: int = 2) -> Tokenizer:
+  """`Tokenizer.train` on the reports of dataset splits `data`, (NAME, SPLIT) pairs, in order.
+
+  The corpus' source is recorded as 'NAME:SPLIT,NAME:SPLIT...'.
+  """
+  def reports():
+    for name, split in data:
+      yield from reports_of(name, split, data_dir or None)
+
+  return Tokenizer.train(reports(), vocab_size, sections=sections, min_frequency=min_frequency,
+                         source=','.join(f'{name}:{split}' for name, split in data))
+
+
+def _summary(tokenizer: Tokenizer, output: str) -> dict:
+  return {'output': output, 'vocab_size': tokenizer.vocab_size, **tokenizer.corpus}
+
+
+# --- the `tokenizer` trainer (chain stage) ---------------------------------------------
+
+OUTPUT = 'tokenizer.json'  # The file the trainer writes in its workdir.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `tokenizer` trainer's config: the command line's settings, one dataset split."""
+  c = ml_collections.ConfigDict()
+  c.trainer = 'tokenizer'
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ''  # TFDS name of a dataset with reports, e.g. 'synthetic_cxr/site_a'.
+  c.data.split = 'train'
+  c.data.data_dir = ''  # TFDS data directory; '' = the TFDS default.
+  c.vocab_size = 2000  # Special tokens and the 256 byte symbols included.
+  c.sections = 'both'  # Report sections trained on, and the tokenize op's default.
+  c.min_frequency = 2  # A merge must occur this often.
+  return c
+
+
+def run(config, workdir: str) -> dict:
+  """Trains on config.data's reports and writes WORKDIR/tokenizer.json; returns a summary.
+
+  A tokenizer.json already there is kept (a re-run resumes) when it was trained on the
+  same split with the same settings; a different one is an error naming the differences,
+  never a silently mismatched vocabulary.
+  """
+  if not config.data.name:
+    raise ValueError('config.data.name is empty: the tokenizer trainer needs a dataset with '
+                     "reports, e.g. 'synthetic_cxr/site_a'.")
+  output = os.path.join(workdir, OUTPUT)
+  source = f'{config.data.name}:{config.data.split}'
+  if os.path.exists(output):
+    tokenizer = Tokenizer.load(output)
+    asked = {'source': source, 'sections': config.sections,
+             'max_vocab_size': config.vocab_size, 'min_frequency': config.min_frequency}
+    found = {'sections': tokenizer.sections,
+             **{k: tokenizer.corpus.get(k) for k in asked if k != 'sections'}}
+    differences = {k: (found[k], asked[k]) for k in asked if found[k] != asked[k]}
+    if differences:
+      raise ValueError(f'{output} exists but was trained otherwise than the config asks '
+                       f'(file, config): {differences}. Delete it to train again.')
+    logging.info('%s exists and matches the config; not training again.', output)
+    return _summary(tokenizer, output)
+  tokenizer = train_on_datasets([(config.data.name, config.data.split)], config.vocab_size,
+                                data_dir=config.data.data_dir, sections=config.sections,
+                                min_frequency=config.min_frequency)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer.save(output)
+  logging.info('Wrote %s: %d tokens from %d reports.', output, tokenizer.vocab_size,
+               tokenizer.corpus['reports'])
+  return _summary(tokenizer, output)
+
+
+# --- the command line ------------------------------------------------------------------
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  specs = [_parse_data(spec) for spec in FLAGS.data]
-
-  def reports():
-    for name, split in specs:
-      yield from reports_of(name, split, FLAGS.data_dir or None)
-
-  tokenizer = Tokenizer.train(reports(), FLAGS.vocab_size, sections=FLAGS.sections,
-                              min_frequency=FLAGS.min_frequency, source=','.join(FLAGS.data))
+  tokenizer = train_on_datasets([_parse_data(spec) for spec in FLAGS.data], FLAGS.vocab_size,
+                                data_dir=FLAGS.data_dir, sections=FLAGS.sections,
+                                min_frequency=FLAGS.min_frequency)
   tokenizer.save(FLAGS.output)
   corpus = tokenizer.corpus
   logging.info('Wrote %s: %d tokens from %d reports (%d without the %s section(s), %d empty).',
                FLAGS.output, tokenizer.vocab_size, corpus['reports'],
                corpus['section_fallbacks'], FLAGS.sections, corpus['empty'])
-  print(json.dumps({'output': FLAGS.output, 'vocab_size': tokenizer.vocab_size, **corpus}))
+  print(json.dumps(_summary(tokenizer, FLAGS.output)))
 
 
 def define_flags() -> None:

@@ -1,4 +1,5 @@
-"""The report tokenizer: sections, round trip, layout, determinism, errors, the op, the CLI."""
+"""The report tokenizer: sections, round trip, layout, determinism, errors, the op, the
+trainer and the CLI."""
 
 import json
 import os
@@ -146,27 +147,82 @@ def test_tokenize_op(tokenizer_path):
     transforms.Preprocess(f"tokenize('{tokenizer_path}', 16, 'body')")
 
 
-@pytest.mark.slow
-def test_command_line_trains_on_a_dataset_split(tmp_path):
-  data_dir = str(tmp_path / 'tfds')
+@pytest.fixture(scope='module')
+def site_a(tmp_path_factory):
+  """(TFDS name, data_dir) of a tiny synthetic site A, with reports."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
   name = synthetic_builders.prepare(synthetic_builders.make_cxr_config(
       'A', image_size=32, num_examples=40), data_dir)
+  return name, data_dir
+
+
+def _trainer_config(name, data_dir, **settings):
+  config = tokenizer_lib.default_config()
+  config.data.name, config.data.data_dir = name, data_dir
+  config.update(settings)
+  return config
+
+
+def _content(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_trainer_writes_the_tokenizer_and_resumes(site_a, tmp_path):
+  name, data_dir = site_a
+  config = _trainer_config(name, data_dir, vocab_size=350, sections='findings')
+  summary = tokenizer_lib.run(config, str(tmp_path / 'run'))
+  output = str(tmp_path / 'run' / 'tokenizer.json')
+  # The reference: the split's reports read here, trained on directly.
+  reports = list(tokenizer_lib.reports_of(name, 'train', data_dir))
+  reference = tokenizer_lib.Tokenizer.train(reports, 350, sections='findings',
+                                            source=f'{name}:train')
+  reference.save(str(tmp_path / 'reference.json'))
+  assert _content(output) == _content(str(tmp_path / 'reference.json'))
+  assert summary == {'output': output, 'vocab_size': reference.vocab_size, **reference.corpus}
+  assert summary['reports'] == len(reports) > 0 and summary['max_vocab_size'] == 350
+
+  # A re-run keeps the file as it is (the same inode and time), and says what it holds.
+  before = os.stat(output)
+  assert tokenizer_lib.run(config, str(tmp_path / 'run')) == summary
+  after = os.stat(output)
+  assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+  # ... unless the config asks for another tokenizer: an error, not a silent mismatch.
+  with pytest.raises(ValueError, match=r"'max_vocab_size': \(350, 500\)"):
+    tokenizer_lib.run(_trainer_config(name, data_dir, vocab_size=500, sections='findings'),
+                      str(tmp_path / 'run'))
+  with pytest.raises(ValueError, match='config.data.name is empty'):
+    tokenizer_lib.run(_trainer_config('', data_dir), str(tmp_path / 'empty'))
+
+  # Several splits, as the command line takes them: read in order, all recorded.
+  both = tokenizer_lib.train_on_datasets([(name, 'train'), (name, 'validation')], 350,
+                                         data_dir=data_dir)
+  assert both.corpus['source'] == f'{name}:train,{name}:validation'
+  assert both.corpus['reports'] == len(reports) + len(list(
+      tokenizer_lib.reports_of(name, 'validation', data_dir)))
+
+
+def test_command_line_writes_what_the_trainer_writes(site_a, tmp_path):
+  name, data_dir = site_a
   output = tmp_path / 'tok.json'
   result = subprocess.run(
       [sys.executable, '-m', 'cxr_jax.text.tokenizer', f'--data={name}:train',
-       f'--data={name}:validation', f'--data_dir={data_dir}', '--vocab_size=400',
-       '--sections=impression', f'--output={output}'],
+       f'--data_dir={data_dir}', '--vocab_size=400', '--sections=impression',
+       '--min_frequency=3', f'--output={output}'],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
-  reports = [r for split in ('train', 'validation')
-             for r in tokenizer_lib.reports_of(name, split, data_dir)]
-  assert summary['reports'] == len(reports) > 0
+  assert summary['reports'] == len(list(tokenizer_lib.reports_of(name, 'train', data_dir))) > 0
   tokenizer = tokenizer_lib.Tokenizer.load(str(output))
   assert tokenizer.sections == 'impression'
-  assert tokenizer.corpus['source'] == f'{name}:train,{name}:validation'
+  assert tokenizer.corpus['source'] == f'{name}:train'
   assert tokenizer.vocab_size <= 400
+  config = _trainer_config(name, data_dir, vocab_size=400, sections='impression',
+                           min_frequency=3)
+  assert tokenizer_lib.run(config, str(tmp_path / 'run'))['output'] == str(
+      tmp_path / 'run' / 'tokenizer.json')
+  assert _content(str(tmp_path / 'run' / 'tokenizer.json')) == _content(str(output))
   bad = subprocess.run([sys.executable, '-m', 'cxr_jax.text.tokenizer', '--data=nosplit',
                         f'--output={output}'], cwd=REPO, capture_output=True, text=True,
                        timeout=120)

@@ -1,10 +1,19 @@
-"""Chaining recipes: references between stages and datasets, and bad chains named."""
+"""Chaining recipes: references between stages, their files and datasets (into fields
+computed from them too), the tokenizer stage, and bad chains named."""
+
+import importlib.util
+import os
 
 import ml_collections
 import pytest
 
+from cxr_jax import train
+from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import chain
 from cxr_jax.train import config_lib
+from cxr_jax.train import image_text
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_references_resolve_to_datasets_and_stage_workdirs():
@@ -31,3 +40,85 @@ def test_bad_chains_are_named(tmp_path):
   config.stages.a.trainer = 'chain'
   with pytest.raises(ValueError, match="Stage 'a' has trainer 'chain'"):
     chain.run_chain(config, str(tmp_path))
+
+
+def _image_text_stage(tokenizer):
+  """An image-text recipe whose data.pp follows text.tokenizer (a FieldReference)."""
+  stage = image_text.add_config_fields(config_lib.base_config())
+  stage.trainer = 'image_text'
+  stage.text.tokenizer = tokenizer
+  stage.data.pp = image_text.tokenize_op(stage) + '|decode'
+  return stage
+
+
+def test_paths_in_stage_workdirs_resolve_into_computed_fields():
+  stage = _image_text_stage('@tokenizer/tokenizer.json')
+  stage.init.workdir = '@generic'  # The whole workdir, as before.
+  stage.data.data_dir = '@data_dir/site_a'
+  references = {'tokenizer': '/w/tokenizer', 'generic': '/w/generic', 'data_dir': '/d',
+                'site_a': 'synthetic_cxr/a_32px'}
+  resolved = chain.resolve(stage, references, directories=('tokenizer', 'generic', 'data_dir'))
+  assert resolved.text.tokenizer == '/w/tokenizer/tokenizer.json'
+  assert resolved.data.pp == "tokenize('/w/tokenizer/tokenizer.json', 64, '')|decode"
+  assert (resolved.init.workdir, resolved.data.data_dir) == ('/w/generic', '/d/site_a')
+  # The recipe keeps its references, and its pp still follows text.tokenizer.
+  assert stage.data.pp == "tokenize('@tokenizer/tokenizer.json', 64, '')|decode"
+  stage.text.tokenizer = '/elsewhere.json'
+  assert stage.data.pp.startswith("tokenize('/elsewhere.json'")
+
+
+@pytest.mark.parametrize('value,message', [
+    ('@tokenizer/tokenizer.json', r"config.text.tokenizer='@tokenizer/tokenizer.json' "
+     r"refers to nothing; known: \['@data_dir', '@site_a'\]"),
+    ('@site_a/x', r"'@site_a/x': @site_a is not a directory, so it takes no /PATH; "
+     r"directories: \['@data_dir'\]"),
+    ('@data_dir//abs', r"'@data_dir//abs': expected @data_dir/PATH with PATH relative to /d"),
+    ('@data_dir/', r"expected @data_dir/PATH"),
+])
+def test_bad_references_are_named(value, message):
+  with pytest.raises(ValueError, match=message):
+    chain.resolve(_image_text_stage(value), {'data_dir': '/d', 'site_a': 'x'},
+                  directories=('data_dir',))
+
+
+def test_references_to_later_stages_stop_the_chain_before_it_runs(tmp_path):
+  later = _image_text_stage('@tokenizer/tokenizer.json')
+  tokenizer_stage = tokenizer_lib.default_config()
+  tokenizer_stage.data.name, tokenizer_stage.data.data_dir = '@site_a', '@data_dir'
+  config = ml_collections.ConfigDict({
+      'trainer': 'chain', 'data_dir': str(tmp_path / 'tfds'),
+      'synthetic': {'site_a': {'kind': 'cxr', 'args': {'site': 'A'}}},
+      'order': ('text', 'tokenizer'), 'stages': {'text': later, 'tokenizer': tokenizer_stage}})
+  with pytest.raises(ValueError, match=r"Stage 'text': config.text.tokenizer="
+                     r"'@tokenizer/tokenizer.json' refers to nothing; known: "
+                     r"\['@data_dir', '@site_a'\] \(a stage can refer to the stages before"):
+    chain.run_chain(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'tfds')  # Nothing was generated, nothing ran.
+  config.order = ('tokenizer', 'text')
+  chain.check_stages(config)
+
+
+def test_the_tokenizer_trainer_is_registered():
+  assert train.TRAINERS.get('tokenizer') is tokenizer_lib.run
+
+
+@pytest.mark.parametrize('data', ['synthetic', 'real'])
+def test_pretraining_comparison_trains_the_tokenizer_its_image_text_stage_reads(data):
+  spec = importlib.util.spec_from_file_location(
+      '_pretraining_comparison', os.path.join(REPO, 'configs', 'pretraining_comparison.py'))
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  config = recipe.get_config(data)
+  chain.check_stages(config)  # Every reference names something before it.
+  order = list(config.order)
+  assert order.index('tokenizer') < order.index('image_text')
+  assert config.stages.tokenizer.trainer == 'tokenizer'
+  assert config.stages.tokenizer.data.split == 'train'
+  references = {n: f'/w/{n}' for n in order}
+  references.update({'data_dir': '/d', **{n: f'tfds/{n}' for n in config.synthetic.keys()}})
+  text = chain.resolve(config.stages.image_text, references, directories=order)
+  assert text.text.tokenizer == '/w/tokenizer/tokenizer.json'
+  assert text.data.pp.startswith("tokenize('/w/tokenizer/tokenizer.json', ")
+  tokenizer = chain.resolve(config.stages.tokenizer, references, directories=order)
+  # The tokenizer reads the reports image_text pretrains on.
+  assert tokenizer.data.name == text.data.name and tokenizer.data.data_dir == '/d'
