@@ -6,13 +6,6 @@ shrinking, INTER_LINEAR_EXACT when enlarging). Exported runs are loaded back wit
 `tf.saved_model.load` and must agree with `inference.Model` to 1e-4. An image-text run
 exports its text tower too: text embeddings, the joint image embedding and zero-shot
 scores computed from the export agree with the JAX run and `eval.zero_shot`.
-
-Known gap: until `data.transforms` resizes integer images with that reproducible
-rounding (see `TRANSFORMS_RESIZE_REPRODUCIBLE`), no in-graph version can agree with
-it on 8- and 16-bit images that need resizing: OpenCV's plain INTER_LINEAR on 8-bit
-images is SIMD-dependent fixed point, and its 8/16-bit INTER_AREA rounds float32
-sums. Those cases are marked xfail on that condition, which tests `transforms`
-against OpenCV, not against this module.
 """
 
 import json
@@ -51,25 +44,6 @@ def reference_resize(image, height, width):
   else:
     out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR_EXACT)
   return out.reshape(height, width, -1)
-
-
-def _transforms_resize_is_reproducible() -> bool:
-  rng = np.random.default_rng(0)
-  for dtype in (np.uint8, np.uint16):
-    image = rng.integers(0, np.iinfo(dtype).max + 1, (37, 41, 1)).astype(dtype)
-    for size in ((20, 23), (18, 20), (60, 50), (30, 60)):
-      out = transforms.OPS.get('resize')(size)({'image': image}, None)['image']
-      if not np.array_equal(out, reference_resize(image, *size)):
-        return False
-  return True
-
-
-TRANSFORMS_RESIZE_REPRODUCIBLE = _transforms_resize_is_reproducible()
-NEEDS_REPRODUCIBLE_RESIZE = pytest.mark.xfail(
-    not TRANSFORMS_RESIZE_REPRODUCIBLE, strict=False,
-    reason='data.transforms resizes 8/16-bit images with OpenCV rounding that no other '
-           'implementation reproduces (INTER_LINEAR fixed point, float32 INTER_AREA); '
-           'the proposed change: float64 INTER_AREA + np.rint, INTER_LINEAR_EXACT.')
 
 
 def exported_runs(tmp_path_factory):
@@ -162,8 +136,8 @@ def test_exact_ops_match_numpy(pp, dtype):
   np.testing.assert_array_equal(graph, numpy)
 
 
-# One side shrinks, the other grows; `data.transforms` picks area averaging for those
-# by total area today, the in-graph version (and the proposed change) bilinear.
+# One side shrinks, the other grows: area averaging applies only when no side grows,
+# so these are bilinear in both implementations.
 MIXED_SHRINKING = (((50, 20), (30, 24)), ((9, 1), (4, 2)))
 SIZES = [((37, 41), (20, 23)),  # Shrink by uneven factors: weighted areas.
          ((36, 40), (18, 20)),  # Halve: OpenCV's whole-factor fast path.
@@ -172,9 +146,7 @@ SIZES = [((37, 41), (20, 23)),  # Shrink by uneven factors: weighted areas.
          ((40, 20), (30, 30)), ((1, 9), (4, 5))] + list(MIXED_SHRINKING)
 
 
-@pytest.mark.parametrize('sizes', [
-    pytest.param(s, marks=NEEDS_REPRODUCIBLE_RESIZE) if s in MIXED_SHRINKING else s
-    for s in SIZES])
+@pytest.mark.parametrize('sizes', SIZES)
 def test_float_resize_matches_numpy(sizes):
   (in_h, in_w), (h, w) = sizes
   images = _images(np.float32, (2, in_h, in_w, 1))
@@ -193,7 +165,6 @@ def test_integer_resize_reproduces_opencv(sizes, dtype):
   np.testing.assert_array_equal(graph, np.stack([reference_resize(i, h, w) for i in images]))
 
 
-@NEEDS_REPRODUCIBLE_RESIZE
 @pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
 def test_integer_resize_matches_numpy(dtype):
   for (in_h, in_w), (h, w) in SIZES:
@@ -204,7 +175,7 @@ def test_integer_resize_matches_numpy(dtype):
 
 
 @pytest.mark.parametrize('dtype', [
-    pytest.param(np.uint16, marks=NEEDS_REPRODUCIBLE_RESIZE), np.float32])
+    np.uint16, np.float32])
 def test_resize_small_matches_numpy(dtype):
   for shape in ((2, 45, 30, 1), (2, 12, 50, 1), (2, 20, 20, 1), (2, 41, 61, 1)):
     images = _images(dtype, shape)
@@ -260,7 +231,6 @@ def test_savedmodel_matches_jax_on_float_images_of_other_sizes(exported, kind, s
   _compare(loaded, model, _images(np.float32, (batch,) + size + (1,)))
 
 
-@NEEDS_REPRODUCIBLE_RESIZE
 @pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
 @pytest.mark.parametrize('kind', ['classifier', 'supcon'])
 def test_savedmodel_matches_jax_on_integer_images_of_other_sizes(exported, kind, dtype):
@@ -306,7 +276,6 @@ def test_embed_png_matches_jax(exported, kind):
     np.testing.assert_allclose(out[key].numpy(), value, atol=TOLERANCE, err_msg=key)
 
 
-@NEEDS_REPRODUCIBLE_RESIZE
 def test_embed_png_takes_images_of_different_sizes(exported):
   loaded, model, _ = exported['classifier']
   pngs = [_png(_images(np.uint16, (50, 41))), _png(_images(np.uint8, (20, 30)))]
