@@ -62,6 +62,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from cxr_jax import cli
 from cxr_jax import export
 from cxr_jax import inference
 from cxr_jax.data import images as images_lib
@@ -657,14 +658,7 @@ flags.DEFINE_bool('best', False, "The workdir's best checkpoint.", flag_values=F
 
 
 def main(argv: Sequence[str]) -> str:
-  if FLAGS.is_parsed():  # Called again in one process (tests, notebooks).
-    FLAGS.unparse_flags()
-  try:
-    rest = FLAGS(list(argv))
-  except flags.Error as e:
-    raise app.UsageError(f'{e}\n\nFlags:\n{FLAGS.get_help()}') from None
-  if len(rest) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(rest[1:])}')
+  cli.parse(FLAGS, argv)
   if FLAGS.data and FLAGS.texts:
     raise app.UsageError('Pass --data (images) or --texts, not both.')
   missing = [f'--{n}' for n in ('model', 'output') if not FLAGS[n].value]
@@ -686,17 +680,5 @@ def main(argv: Sequence[str]) -> str:
   return path
 
 
-def _run(argv):
-  if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
-    print(f'{__doc__}\nFlags:\n{FLAGS.get_help()}')
-    return
-  main(argv)
-
-
-def _parse_absl_flags(argv):
-  flags.FLAGS(argv[:1])  # absl's own flags keep their defaults; `main` parses ours.
-  return argv
-
-
 if __name__ == '__main__':
-  app.run(_run, flags_parser=_parse_absl_flags)
+  cli.run(main, FLAGS, __doc__)

@@ -1,0 +1,40 @@
+"""Command-line plumbing shared by the tools that keep their flags in their own FlagValues.
+
+`embed` and `export` define their flags in a private `flags.FlagValues`, so importing
+them (from a notebook, a test or another tool) neither clashes with other flags nor
+needs absl's global parsing; `main(argv)` may then run several times in one process.
+"""
+
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+
+def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
+  """Parses `argv` into `flag_values` afresh; bad or extra arguments are usage errors."""
+  if flag_values.is_parsed():  # Called again in one process (tests, notebooks).
+    flag_values.unparse_flags()
+  try:
+    rest = flag_values(list(argv))
+  except flags.Error as e:
+    raise app.UsageError(f'{e}\n\nFlags:\n{flag_values.get_help()}') from None
+  if len(rest) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(rest[1:])}')
+
+
+def run(main: Callable[[Sequence[str]], object], flag_values: flags.FlagValues,
+        doc: str) -> None:
+  """`app.run(main)` with --help printing `doc` and the tool's own flags."""
+
+  def run_main(argv):
+    if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
+      print(f'{doc}\nFlags:\n{flag_values.get_help()}')
+      return
+    main(argv)  # Its return value is for callers in Python, not an exit status.
+
+  def parse_absl_flags(argv):
+    flags.FLAGS(argv[:1])  # absl's own flags keep their defaults; `main` parses ours.
+    return argv
+
+  app.run(run_main, flags_parser=parse_absl_flags)
