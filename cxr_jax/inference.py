@@ -192,9 +192,7 @@ class Model:
         raise ValueError(f'pp_eval={self.pp_eval!r} gives images of different sizes '
                          f'{sorted(shapes)}; end it with a fixed-size op (resize or '
                          'central_crop) to batch them.')
-      stacked = np.stack(batch)
-      padded = np.concatenate([stacked, np.zeros(
-          (batch_size - len(batch),) + stacked.shape[1:], np.float32)])
+      padded = pad_rows(np.stack(batch), batch_size)
       outputs.append({k: v[:len(batch)] for k, v in self.apply(padded).items()})
     if not outputs:
       empty = {'embedding': np.zeros((0, self.embedding_dim), np.float32)}
@@ -263,9 +261,13 @@ def in_padded_batches(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray
   outputs = [np.zeros((0, output_dim), np.float32)]
   for start in range(0, len(inputs), batch_size):
     batch = inputs[start:start + batch_size]
-    padding = np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)
-    outputs.append(np.asarray(fn(np.concatenate([batch, padding])), np.float32)[:len(batch)])
+    outputs.append(np.asarray(fn(pad_rows(batch, batch_size)), np.float32)[:len(batch)])
   return np.concatenate(outputs)
+
+
+def pad_rows(batch: np.ndarray, size: int) -> np.ndarray:
+  """`batch` [n, ...] with zero rows appended up to `size` rows (one compiled shape)."""
+  return np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
 
 
 def load_run(workdir: str, step: Optional[int] = None, best: bool = False) -> Model:
