@@ -18,8 +18,8 @@ images with the same number of steps and images per step:
 
 All four see the same information about the findings: the reports, or the labels mined
 from them, the task finding included (image-text cannot be kept from a finding its
-reports mention, so none is; configs/quickstart.py instead holds the task finding out
-of SupCon). The last stage (`study`, configs/transfer_study.py) puts them and the
+reports mention, so none is; configs/quickstart.py gives SupCon only the reports'
+normal/abnormal call). The last stage (`study`, configs/transfer_study.py) puts them and the
 generic network side by side: linear and MLP probes for one finding, trained at label
 budgets (3 draws each) on a downstream site, scored on that site's test split
 (in-site) and on an external site's (`stages.study.external`) that no stage trained
@@ -49,8 +49,10 @@ Time, measured on a 2-core x86-64 CPU shared with other jobs (load average 6 to 
 18.4 minutes in all: datasets 1.4, generic 2.5, image-text 2.4, supervised 2.2, SupCon
 3.5, SimCLR 3.5, study 3.1 (embeddings, 240 probe fits, plots); the tokenizer stage,
 added since, takes seconds (its BPE training on 3200 reports, 0.4 s). At this size
-every network is near chance on the task (in-site AUROC 0.45 to 0.60, as in the
-quickstart): the run shows the machinery and the table, not yet the claims.
+every network is near chance on the task (in-site AUROC 0.45 to 0.60): the run shows
+the machinery and the table, not yet the claims. (The quickstart gets its signal from
+findings of severity 0.8 to 1 and 1000 SupCon steps; this comparison keeps the full
+severity range.)
 
 Real (`:real`; not run here, sizes from the full-scale recipes): the builders register
 `mimic_cxr/chexpert` (MIMIC-CXR-JPG, CheXpert-labeler labels and, from

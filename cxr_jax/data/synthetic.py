@@ -69,7 +69,7 @@ import dataclasses
 import functools
 import math
 import zlib
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -312,9 +312,11 @@ def _sample_study_geometry(rng, view):
   )
 
 
-def _sample_finding_parameters(rng, finding):
+def _sample_finding_parameters(rng, finding, severity_range=(0.0, 1.0)):
   """Where and how strongly a finding would show; drawn whether present or not."""
-  severity = float(rng.beta(1.3, 1.6))  # Subtle to obvious, mostly in between.
+  low, high = severity_range
+  # Subtle to obvious, mostly in between; rescaled into severity_range.
+  severity = low + (high - low) * float(rng.beta(1.3, 1.6))
   side = _pick(rng, (-1, 1))  # -1: image left = patient right.
   params = dict(severity=severity, side=side, bilateral=False,
                 field_seed=int(rng.integers(2**31)))
@@ -365,8 +367,23 @@ def _mine_labels(rng, true_labels, label_noise):
   return labels
 
 
-def _sample_study(index, seed, site, label_noise, findings_override):
+def check_severity_range(severity_range) -> Tuple[float, float]:
+  """(low, high) as floats, or a ValueError naming what is wrong with it."""
+  try:
+    low, high = map(float, severity_range)
+  except (TypeError, ValueError):
+    raise ValueError(f'severity_range must be a pair (low, high), got {severity_range!r}.'
+                     ) from None
+  if not 0.0 <= low <= high <= 1.0:
+    raise ValueError(f'severity_range must satisfy 0 <= low <= high <= 1, got '
+                     f'{severity_range!r}.')
+  return low, high
+
+
+def _sample_study(index, seed, site, label_noise, findings_override,
+                  severity_range=(0.0, 1.0)):
   _check_seed_index(seed, index)
+  severity_range = check_severity_range(severity_range)
   if site not in SITES:
     raise ValueError(f'Unknown site {site!r}; sites are {sorted(SITES)}.')
   if not 0.0 <= label_noise <= 1.0:
@@ -405,7 +422,7 @@ def _sample_study(index, seed, site, label_noise, findings_override):
   findings = {}
   for name in CXR_FINDINGS:
     rng = chronic_rng if FINDING_PRIORS[name].chronic else acute_rng
-    findings[name] = _sample_finding_parameters(rng, name)
+    findings[name] = _sample_finding_parameters(rng, name, severity_range)
     findings[name]['present'] = present[name]
   # Compressive atelectasis sits above the effusion.
   if present['pleural_effusion'] and present['atelectasis']:
@@ -577,9 +594,11 @@ def _write_report(study: _Study) -> str:
 
 
 def study_metadata(index: int, *, seed: int = 0, site: str = 'A', label_noise: float = 0.1,
-                   findings_override: Optional[Mapping[str, bool]] = None) -> dict:
+                   findings_override: Optional[Mapping[str, bool]] = None,
+                   severity_range: Tuple[float, float] = (0.0, 1.0)) -> dict:
   """Everything `generate_cxr` returns except the image, without rendering it (fast)."""
-  return _metadata(_sample_study(index, seed, site, label_noise, findings_override))
+  return _metadata(_sample_study(index, seed, site, label_noise, findings_override,
+                                 severity_range))
 
 
 def _metadata(study: _Study) -> dict:
@@ -1204,7 +1223,8 @@ def _quantise(x, bits):
 
 def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int = 128,
                  label_noise: float = 0.1,
-                 findings_override: Optional[Mapping[str, bool]] = None) -> dict:
+                 findings_override: Optional[Mapping[str, bool]] = None,
+                 severity_range: Tuple[float, float] = (0.0, 1.0)) -> dict:
   """One synthetic frontal chest radiograph with labels, metadata and report.
 
   Args:
@@ -1215,6 +1235,9 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
     label_noise: probability that report mining garbles each label.
     findings_override: finding -> present, forcing findings on or off while every
       other part of the example (anatomy, noise, other findings) stays the same.
+    severity_range: (low, high) in [0, 1]: every finding's severity is drawn on [0, 1]
+      and rescaled into it. (0, 1) is the full spectrum from subtle to obvious; a
+      higher floor keeps findings visible at small image sizes (the quickstart's 32 px).
 
   Returns:
     dict with 'image' uint16 [H, W]; 'true_labels' int8 [K] (0/1, order of
@@ -1224,7 +1247,7 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
   """
   if not (isinstance(image_size, (int, np.integer)) and image_size >= 32):
     raise ValueError(f'image_size must be an integer >= 32, got {image_size!r}.')
-  study = _sample_study(index, seed, site, label_noise, findings_override)
+  study = _sample_study(index, seed, site, label_noise, findings_override, severity_range)
   frame = _patient_frame(int(image_size), study.anatomy)
   display = _expose(_render_density(study, frame), study, frame)
   example = _metadata(study)

@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Initial bias of a linear head. 0 for softmax; for sigmoid losses over many rare
   # classes a negative prior such as -log(num_classes) keeps early gradients sane.
   c.head.bias_init = 0.0
+  # Hidden width of a contrastive stage's projection head (SupCon and SimCLR use 2048;
+  # configs/quickstart.py narrows it to 256 for its tiny backbone).
+  c.head.projection_hidden = 2048
 
   c.finetune = ml_collections.ConfigDict()
   # finetune stage: linear | mlp (frozen backbone) | full | lpft (linear probe for

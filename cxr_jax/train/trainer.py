@@ -135,7 +135,10 @@ def build_network(config) -> heads.Network:
     mode_head, frozen = FINETUNE_MODES[config.finetune.mode]
     head_kind = config.head.kind or mode_head
   num_classes = config.head.num_classes if head_kind in ('linear', 'mlp') else 0
-  head_args = {'bias_init_value': config.head.bias_init} if head_kind == 'linear' else {}
+  # Runs saved before projection_hidden existed used the head's default width.
+  projection_hidden = config.head.get('projection_hidden', heads.ProjectionHead.hidden)
+  head_args = {'linear': {'bias_init_value': config.head.bias_init},
+               'projection': {'hidden': projection_hidden}}.get(head_kind, {})
   return heads.Network(backbone, heads.make_head(head_kind, num_classes, **head_args),
                        frozen_backbone=frozen)
 

@@ -103,6 +103,10 @@ def test_bad_arguments_are_named():
     synthetic.generate_cxr(0, label_noise=1.5)
   with pytest.raises(ValueError, match='index'):
     synthetic.generate_cxr(-1)
+  with pytest.raises(ValueError, match=r'severity_range .*\(0.9, 0.2\)'):
+    synthetic.generate_cxr(0, severity_range=(0.9, 0.2))
+  with pytest.raises(ValueError, match='severity_range must be a pair'):
+    synthetic.generate_cxr(0, severity_range=0.8)
   with pytest.raises(ValueError, match='num_classes'):
     synthetic.generate_natural(0, num_classes=synthetic.MAX_NATURAL_CLASSES + 1)
 
@@ -293,6 +297,29 @@ def test_override_changes_only_the_named_finding():
                                   findings_override={**ALL_OFF, 'nodule': True})
   assert (forced['true_labels'] != base['true_labels']).sum() == 1
   assert base['patient_id'] == forced['patient_id'] and base['age'] == forced['age']
+
+
+def test_severity_range_rescales_every_severity_and_changes_nothing_else():
+  """Each severity is the full-range draw mapped linearly into the range; the rest
+  (patients, presence, labels, positions) is drawn as before."""
+  for i in range(40):
+    full = synthetic._sample_study(i, 3, 'B', 0.1, None)
+    high = synthetic._sample_study(i, 3, 'B', 0.1, None, (0.8, 1.0))
+    np.testing.assert_array_equal(full.labels, high.labels)
+    np.testing.assert_array_equal(full.true_labels, high.true_labels)
+    assert full.patient_id == high.patient_id and full.view == high.view
+    for name in CXR_FINDINGS:
+      expected = 0.8 + 0.2 * full.findings[name]['severity']
+      assert high.findings[name]['severity'] == pytest.approx(expected, abs=1e-12)
+      assert full.findings[name]['side'] == high.findings[name]['side']
+  # Obvious findings change more pixels than the same findings drawn at full range.
+  def changed(index, severity_range):
+    off, on = (synthetic.generate_cxr(index, seed=9, image_size=64, severity_range=severity_range,
+                                      findings_override={**ALL_OFF, 'airspace_opacity': flag})
+               for flag in (False, True))
+    return np.abs(on['image'].astype(np.float32) - off['image']).sum()
+  assert sum(changed(i, (0.8, 1.0)) for i in range(6)) > sum(changed(i, (0.0, 1.0))
+                                                             for i in range(6))
 
 
 # ---------------------------------------------------------------------------

@@ -70,6 +70,23 @@ def test_natural_is_balanced_rgb(tmp_path):
   assert len(test_records) == 20
 
 
+def test_severity_range_is_in_the_name_and_the_records():
+  assert synthetic_builders.make_cxr_config('A', image_size=32, num_examples=10).name == (
+      'site_a_32px_10_noise10_seed0')  # Names of datasets built before the range existed.
+  config = synthetic_builders.make_cxr_config('A', image_size=32, num_examples=10,
+                                              severity_range=(0.8, 1.0))
+  assert config.name == 'site_a_32px_10_noise10_severity80-100_seed0'
+  index = next(i for i in range(40)
+               if synthetic.study_metadata(i, label_noise=0.1)['true_abnormal'])
+  record = synthetic_builders._render_cxr(index, config)
+  expected = synthetic.generate_cxr(index, site='A', image_size=32, severity_range=(0.8, 1.0))
+  np.testing.assert_array_equal(record.pixels, expected['image'])
+  assert not np.array_equal(record.pixels, synthetic.generate_cxr(index, site='A',
+                                                                  image_size=32)['image'])
+  with pytest.raises(ValueError, match='severity_range'):
+    synthetic_builders.make_cxr_config('A', severity_range=(0.5, 1.5))
+
+
 def test_unknown_site_is_named():
   with pytest.raises(ValueError, match="Unknown synthetic site 'Q'"):
     synthetic_builders.make_cxr_config('Q')

@@ -356,6 +356,17 @@ def test_head_bias_init(data_dir):
   np.testing.assert_array_equal(variables['params']['head']['dense']['bias'], -2.0)
 
 
+def test_projection_head_width_is_a_setting(data_dir):
+  config = config_for('supcon', overrides(data_dir, 'supcon', **{'head.projection_hidden': 48}))
+  variables = trainer.initial_variables(trainer.build_network(config), config,
+                                        jax.random.PRNGKey(0))
+  head = variables['params']['head']
+  assert head['hidden']['kernel'].shape[1] == 48 and head['output']['kernel'].shape[0] == 48
+  # A run saved before the setting existed is read with the head's default width.
+  del config.head['projection_hidden']
+  assert trainer.build_network(config).head.hidden == 2048
+
+
 def test_resuming_with_an_incompatible_config_names_what_changed(data_dir, tmp_path):
   trainer.train(config_for('supervised', overrides(data_dir, total_steps=2)), str(tmp_path))
   config = config_for('supervised', overrides(data_dir, total_steps=4))

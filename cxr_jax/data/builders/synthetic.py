@@ -51,24 +51,30 @@ class SyntheticCxrConfig(base.CxrBuilderConfig):
   num_examples: int = 5000  # Across all splits; split by patient.
   label_noise: float = 0.1  # Report-mining noise; 0 gives radiologist-grade labels.
   seed: int = 0
+  severity_range: Tuple[float, float] = (0.0, 1.0)  # See synthetic.generate_cxr.
 
 
 def make_cxr_config(site: str = 'A', image_size: int = 128, num_examples: int = 5000,
-                    label_noise: float = 0.1, seed: int = 0) -> SyntheticCxrConfig:
+                    label_noise: float = 0.1, seed: int = 0,
+                    severity_range: Tuple[float, float] = (0.0, 1.0)) -> SyntheticCxrConfig:
   if site not in synthetic.SITES:
     raise ValueError(f'Unknown synthetic site {site!r}; sites: {sorted(synthetic.SITES)}.')
+  low, high = synthetic.check_severity_range(severity_range)
+  # The full spectrum keeps the names datasets were built under before the range existed.
+  severity = '' if (low, high) == (0.0, 1.0) else f'_severity{round(low * 100)}-{round(high * 100)}'
   name = (f'site_{site.lower()}_{image_size}px_{num_examples}_noise'
-          f'{round(label_noise * 100)}_seed{seed}')
+          f'{round(label_noise * 100)}{severity}_seed{seed}')
   return SyntheticCxrConfig(name=name, site=site, image_size=image_size,
                             num_examples=num_examples, label_noise=label_noise, seed=seed,
-                            max_side=image_size,
+                            severity_range=(low, high), max_side=image_size,
                             description=f'Synthetic CXR phantoms of site {site}.')
 
 
 def _render_cxr(index: int, config: SyntheticCxrConfig) -> base.Record:
   example = synthetic.generate_cxr(index, seed=config.seed, site=config.site,
                                    image_size=config.image_size,
-                                   label_noise=config.label_noise)
+                                   label_noise=config.label_noise,
+                                   severity_range=config.severity_range)
   return base.Record(
       key=f'{config.site}-{config.seed}-{index:07d}', labels=example['labels'],
       pixels=example['image'], patient_id=example['patient_id'],
