@@ -20,3 +20,14 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 @pytest.fixture(autouse=True)
 def _quiet_tensorflow(monkeypatch):
   monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+# The longest test (the quickstart's pretraining, minutes) goes first, so that under
+# pytest-xdist one worker starts it while the other works through the rest, instead of
+# it starting last and running alone. Only whole modules move, so module fixtures are
+# still set up once.
+_LONGEST_FIRST = ('test_quickstart_chain.py',)
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: os.path.basename(str(item.fspath)) not in _LONGEST_FIRST)
