@@ -1,72 +1,85 @@
-"""How much a SupCon recipe moves a generic network's embedding at CPU size.
+"""How much the quickstart's SupCon stage moves a generic network's embedding.
 
-  python benchmarks/supcon_recipe.py --generic runs/quickstart/generic          # quickstart's
-  python benchmarks/supcon_recipe.py --generic DIR --lr 1e-3 --hidden 2048 --temperature 0.1 \\
-      --size 48 --crop 40 --shift 4 --steps 300 --severity 0.5 1.0                 # older one
+  python benchmarks/supcon_recipe.py --generic runs/quickstart/generic      # the quickstart's
+  python benchmarks/supcon_recipe.py --generic runs/quickstart/generic --severity 0 1 \\
+      --set optimizer.learning_rate=1e-3 head.projection_hidden=2048 loss.temperature=0.1 \\
+      total_steps=400 optimizer.schedule.warmup_steps=40 \\
+      "data.pp=decode|window|two_views|inception_crop(28, area_min=50)|affine|contrast|flip_lr|value_range(-1, 1, 0, 1)|rgb"
+                                       # the quickstart's recipe before session 4
 
-Searches for the quickstart's SupCon recipe run here rather than through the chain: the
-data stay in memory, and the same process scores the embedding before and after.
+The quickstart's `cxr` stage (configs/quickstart.py, with `--set KEY=VALUE` overrides)
+run in memory instead of through the chain, so that recipes can be compared in
+minutes and the same process scores the embedding before and after:
 
-- Data: `synthetic_cxr` sites A (report-mined labels, noise 0.1) and B (true labels)
-  rendered by `synthetic.generate_cxr` at --size with --severity, windowed as the
-  `window` op does; cached in --cache_dir.
-- Training: SupCon (`losses.supcon_loss_mean`) with `abnormal` positives on site A,
-  starting from --generic's backbone, AdamW with warmup and cosine decay. Each view is
-  a --crop crop shifted by up to --shift pixels from the centre, then random gamma
-  (0.7-1.4), contrast (0.75-1.25), brightness (+-0.08) and a little noise.
+- Data: `synthetic_cxr` sites A (report-mined labels, noise 0.1) and B (true labels) at
+  --size px with --severity, rendered by `synthetic.generate_cxr` and cached in
+  --cache_dir. Site A trains; batches are drawn at random, with the stage's `data.pp`
+  and `abnormal` as the pipeline derives it.
+- Training: the trainer's own network, initialisation from --generic, optimizer and
+  train step (`trainer.build_network`, `initial_variables`, `make_train_step`).
 - Score: linear probes (scikit-learn logistic regression, C=0.1, standardised
-  features) on the backbone embedding of site B's first 60 %, tested on the rest, for
-  --finding and for `abnormal`, at 10, 45 and 100 labels (5 draws, each holding a
-  positive and a negative) and all labels. Printed before and after training.
+  features) on the backbone embedding (`data.pp_eval`) of site B's first 60 %, tested on
+  the rest, for --finding and for `abnormal` (true labels), at 10, 45 and 100 labels
+  (5 draws, each holding a positive and a negative) and all labels. Printed before
+  and after training.
 """
 
 import argparse
+import ast
+import importlib.util
 import json
 import os
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from cxr_jax import models
+from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import synthetic
-from cxr_jax.models import heads
-from cxr_jax.train import losses
+from cxr_jax.data import transforms
+from cxr_jax.train import optimizers
 from cxr_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--generic', required=True, help='workdir of the generic stage to start from')
+  p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                 help="overrides of the quickstart's cxr stage config")
   p.add_argument('--size', type=int, default=32)
-  p.add_argument('--crop', type=int, default=28)
-  p.add_argument('--shift', type=int, default=2)
   p.add_argument('--severity', type=float, nargs=2, default=(0.8, 1.0))
   p.add_argument('--site_a', type=int, default=3000, help='site A images (training)')
   p.add_argument('--site_b', type=int, default=2000, help='site B images (probes)')
   p.add_argument('--finding', default='airspace_opacity')
-  p.add_argument('--steps', type=int, default=1000)
-  p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--lr', type=float, default=3e-3)
-  p.add_argument('--weight_decay', type=float, default=1e-4)
-  p.add_argument('--hidden', type=int, default=256, help='projection head width')
-  p.add_argument('--temperature', type=float, default=0.2)
-  p.add_argument('--model', default='bit-tiny')
-  p.add_argument('--seed', type=int, default=0)
   p.add_argument('--cache_dir', default='/tmp/cxr_jax_supcon_recipe')
   p.add_argument('--json', default='', help='also write the scores to this file')
   return p.parse_args()
 
 
-def window(image):
-  image = image.astype(np.float32)
-  lo, hi = np.percentile(image, (0.5, 99.5))
-  return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+def stage_config(generic: str, overrides):
+  spec = importlib.util.spec_from_file_location(
+      '_quickstart', os.path.join(REPO, 'configs', 'quickstart.py'))
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  config = quickstart.get_config().stages.cxr
+  config.init.workdir = generic
+  for item in overrides:
+    key, _, text = item.partition('=')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
 
 
 def load_data(args):
@@ -80,15 +93,11 @@ def load_data(args):
     examples = [synthetic.generate_cxr(i, site=site.upper(), image_size=args.size,
                                        label_noise=noise, severity_range=(low, high))
                 for i in range(count)]
-    data[f'{site}_image'] = np.stack([window(e['image']) for e in examples])
+    data[f'{site}_image'] = np.stack([e['image'] for e in examples])
     data[f'{site}_labels'] = np.stack([e['labels'] for e in examples])
     data[f'{site}_true'] = np.stack([e['true_labels'] for e in examples])
   np.savez(path, **data)
   return data
-
-
-def to_model_input(images):
-  return np.repeat((images * 2 - 1)[..., None], 3, -1).astype(np.float32)
 
 
 def probe_scores(embeddings, labels_by_task):
@@ -113,84 +122,54 @@ def probe_scores(embeddings, labels_by_task):
 
 def main():
   args = parse_args()
+  config = stage_config(args.generic, args.set)
   data = load_data(args)
   findings = list(synthetic.CXR_FINDINGS)
   tasks = {args.finding: data['b_true'][:, findings.index(args.finding)].astype(int),
            'abnormal': data['b_true'].any(1).astype(int)}
-  offset = (args.size - args.crop) // 2
-  centre = lambda x: x[:, offset:offset + args.crop, offset:offset + args.crop]
+  abnormal = labels_lib.derive_abnormal(data['a_labels'], findings).astype(np.float32)
 
-  network = heads.Network(models.get_model(args.model, num_classes=None),
-                          heads.ProjectionHead(hidden=args.hidden))
-  variables = flax.core.unfreeze(jax.jit(lambda r: network.init(
-      r, jnp.zeros((1, args.crop, args.crop, 3)), train=False))(jax.random.PRNGKey(args.seed)))
-  for collection, tree in trainer.variables_from_workdir(args.generic)['backbone'].items():
-    variables[collection]['backbone'] = tree
+  network = trainer.build_network(config)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = trainer.initial_variables(network, config, init_rng)
   params = variables.pop('params')
-  model_state = variables
+  tx, _ = optimizers.make_optimizer(config.optimizer, params, config.total_steps,
+                                    batch_size=config.batch_size)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+           'model_state': variables, 'rng': state_rng}
+  train_step = jax.jit(trainer.make_train_step(network, config, tx))
 
-  embed_fn = jax.jit(lambda p, s, x: network.apply({'params': p, **s}, x)[1]['embedding'])
+  pp_train = transforms.Preprocess(config.data.pp)
+  pp_eval = transforms.Preprocess(config.data.pp_eval)
+  rng = np.random.default_rng(config.seed)
+  eval_images = np.stack([pp_eval({'image': im}, rng)['image'] for im in data['b_image']])
+  embed = jax.jit(lambda s, x: network.apply({'params': s['params'], **s['model_state']},
+                                             x)[1]['embedding'])
 
-  def embedding_scores(p, s):
-    images = data['b_image']
-    out = [np.asarray(embed_fn(p, s, to_model_input(centre(images[i:i + 256]))))
-           for i in range(0, len(images), 256)]
+  def embedding_scores(s):
+    out = [np.asarray(embed(s, eval_images[i:i + 256])) for i in range(0, len(eval_images), 256)]
     return probe_scores(np.concatenate(out), tasks)
 
-  results = {'args': vars(args), 'before': embedding_scores(params, model_state)}
+  results = {'config': config.to_dict(), 'args': vars(args), 'before': embedding_scores(state)}
   print('before', json.dumps(results['before']), flush=True)
-
-  schedule = optax.warmup_cosine_decay_schedule(0, args.lr, max(1, args.steps // 10), args.steps)
-  tx = optax.adamw(schedule, weight_decay=args.weight_decay)
-  opt_state = tx.init(params)
-
-  def loss_fn(p, s, images, weights):
-    (z, _), new_state = network.apply({'params': p, **s}, images, train=True,
-                                      mutable=['batch_stats'])
-    z = z.reshape(2, len(weights), -1).transpose(1, 0, 2)  # [N, 2 views, D]
-    loss, stats = losses.supcon_loss_mean(z, weights, args.temperature)
-    return loss, (new_state, stats)
-
-  @jax.jit
-  def step(p, s, o, images, weights):
-    (loss, (new_state, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        p, s, images, weights)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), {**s, **new_state}, o, loss, stats
-
-  rng = np.random.default_rng(args.seed)
-
-  def views(images):
-    n = len(images)
-    shifts = rng.integers(-args.shift, args.shift + 1, (n, 2)) + offset
-    out = np.stack([im[dy:dy + args.crop, dx:dx + args.crop]
-                    for im, (dy, dx) in zip(images, shifts)])
-    out = out ** np.exp(rng.uniform(np.log(0.7), np.log(1.4), (n, 1, 1)))
-    mean = out.mean((1, 2), keepdims=True)
-    out = (out - mean) * rng.uniform(0.75, 1.25, (n, 1, 1)) + mean
-    out += rng.uniform(-0.08, 0.08, (n, 1, 1))
-    out += rng.normal(0, 0.03, out.shape) * rng.uniform(0, 1, (n, 1, 1))
-    return np.clip(out, 0, 1)
-
-  abnormal = (data['a_labels'] == synthetic.POSITIVE).any(1).astype(np.float32)
   start = time.time()
-  for i in range(args.steps):
-    index = rng.choice(len(abnormal), args.batch, replace=False)
-    batch = data['a_image'][index]
-    images = to_model_input(np.concatenate([views(batch), views(batch)]))
-    weights = losses.positive_weights(abnormal[index], 'same_label')
-    params, model_state, opt_state, loss, stats = step(params, model_state, opt_state,
-                                                       images, weights)
-    if i % 100 == 0 or i == args.steps - 1:
-      print(f'step {i + 1}: loss {float(loss):.3f}, positive cosine '
-            f'{float(stats["positive_similarity"]):.3f}, negative cosine '
-            f'{float(stats["negative_similarity"]):.3f}, {time.time() - start:.0f} s', flush=True)
-  results['after'] = embedding_scores(params, model_state)
+  for i in range(config.total_steps):
+    index = rng.choice(len(abnormal), config.batch_size, replace=False)
+    batch = {'image': np.stack([pp_train({'image': data['a_image'][k]}, rng)['image']
+                                for k in index]),
+             'abnormal': abnormal[index]}
+    state, metrics = train_step(state, batch)
+    if i % 100 == 0 or i == config.total_steps - 1:
+      print(f'step {i + 1}: loss {float(metrics["loss"]):.3f}, positive cosine '
+            f'{float(metrics["positive_similarity"]):.3f}, negative cosine '
+            f'{float(metrics["negative_similarity"]):.3f}, {time.time() - start:.0f} s',
+            flush=True)
   results['train_seconds'] = time.time() - start
+  results['after'] = embedding_scores(state)
   print('after ', json.dumps(results['after']), flush=True)
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
+      json.dump(results, f, indent=1, default=str)
 
 
 if __name__ == '__main__':

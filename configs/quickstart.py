@@ -85,10 +85,11 @@ def get_config():
   cxr.init_image_size = 28
   # LARS at this small batch and model collapsed every embedding onto one direction
   # (all similarities -> 0.99, loss at its uniform value); AdamW trains steadily. At
-  # 1e-3 with the default 2048-wide projection head and T = 0.1, 300 steps left the
-  # embedding the probes use where it was; 3e-3, a 256-wide head and T = 0.2 over 1000
-  # steps raised a site-B airspace-opacity linear probe at 45 labels from 0.55 to 0.62
-  # (changed together, not one at a time; benchmarks/supcon_recipe.py, BENCHMARKS.md).
+  # 1e-3 with the default 2048-wide projection head, T = 0.1 and cropped views, 400
+  # steps left the embedding the probes use where it was; 3e-3, a 256-wide head,
+  # T = 0.2 and the views above over 1000 steps raised a site-B airspace-opacity linear
+  # probe at 100 labels from 0.57 to 0.62 (severity 0.8-1; changed together, not one at
+  # a time; benchmarks/supcon_recipe.py, BENCHMARKS.md).
   cxr.optimizer.name = 'adamw'
   cxr.optimizer.learning_rate = 3e-3
   cxr.optimizer.lr_reference_batch = 0
