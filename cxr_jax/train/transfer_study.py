@@ -7,6 +7,9 @@ label budget and draw of training labels,
 
   probes       linear and MLP probes on the frozen embeddings of each network
                (`config.networks`: name -> pretraining workdir);
+  pixels       the baseline any network has to beat: a linear probe on the raw
+               images, windowed and area-downsampled, with the size and the L2
+               strength chosen on the validation split (never on test);
   fine-tuning  full fine-tuning and LP-FT from each network in `finetune.networks`,
                plus training from scratch (the network name 'scratch');
 
@@ -19,9 +22,10 @@ two numbers differ only by the shift between sites. Outputs in WORKDIR: the embe
 with its test outputs per test set), `results.csv` (one row per method, budget, draw
 and test set), `summary.csv`, a data-efficiency plot per test set, t-SNE maps of the
 in-site test embeddings before and after CXR pretraining, the SavedModel of
-`export.network`, `report.md` (in-site and external AUROC side by side, and what came
-out for the published claims, whatever it is) and `claims.json` (the claims'
-numbers in-site, and under 'external' per external set when there are any).
+`export.network`, `report.md` (in-site and external AUROC side by side, the label-efficiency
+factor, kNN separation of each embedding, and what came out for the published claims,
+whatever it is) and `claims.json` (the claims' numbers in-site, and under 'external'
+per external set when there are any).
 
 Every part resumes: embeddings and fine-tuning runs are kept and reused, probes are
 refitted (they take seconds).
@@ -42,14 +46,17 @@ from cxr_jax import embed
 from cxr_jax import inference
 from cxr_jax import probe as probe_lib
 from cxr_jax.data import labels as labels_lib
+from cxr_jax.data import transforms
 from cxr_jax.eval import efficiency
 from cxr_jax.eval import metrics
 from cxr_jax.eval import report as report_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
+from cxr_jax.train import evaluator
 from cxr_jax.train.registry import TRAINERS
 
 IN_SITE = 'in_site'  # The `test_set` of scores on the downstream data's own test split.
+PIXELS = 'pixels'  # The `network` of the raw-pixel baseline's rows.
 EXTERNAL_KEYS = ('name', 'split', 'finding')
 
 
@@ -62,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ''
   c.data.train_split = 'train'
   c.data.test_split = 'test'
+  c.data.validation_split = 'validation'  # Chooses the pixel baseline's settings.
   c.data.finding = 'airspace_opacity'  # The task; its labels follow label_policy.
   c.data.uncertain = 'ignore'  # Uncertain labels: ignore | zeros | ones.
   # External test sets, read from data.data_dir: NAME -> {'name': TFDS dataset,
@@ -88,6 +96,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.finetune.scratch_model = ''  # Model trained from scratch; '' = the first network's.
   c.finetune.pp = 'decode|window|random_crop(28)|flip_lr|value_range(-1, 1, 0, 1)|rgb'
   c.cxr_network = 'cxr'  # The network the published claims (report, claims.json) are about.
+  # The raw-pixel baseline: a linear probe on the images after `pixels.pp`, area-
+  # downsampled to each of `pixels.sizes` (a side in pixels), with the L2 strength
+  # `l2_scales` x the probe's default (1 / labels); the size and strength are chosen per
+  # budget and draw by AUROC on data.validation_split. sizes=() leaves it out.
+  c.pixels = ml_collections.ConfigDict()
+  c.pixels.sizes = (8, 16, 32)
+  c.pixels.l2_scales = (0.1, 1.0, 10.0)
+  c.pixels.pp = 'decode|window'
+  # The label-efficiency factor: how many labels each baseline needs to reach what the
+  # CXR network's linear probe reaches at this budget (report and claims.json).
+  c.efficiency_budget = 45
   c.tsne = ('generic', 'cxr')  # Networks whose test embeddings get a t-SNE map.
   c.export = ml_collections.ConfigDict()
   c.export.network = 'cxr'  # Network exported as a SavedModel; '' = none.
@@ -153,6 +172,7 @@ class Study:
     self.data_dir = config.data.data_dir or None
     self.rows: List[dict] = []
     self._models: Dict[str, inference.Model] = {}
+    self._images, self._pixels = {}, {}
     if not config.networks:
       raise ValueError('config.networks is empty: name at least one pretrained workdir.')
     self.eval_sets = eval_sets(config)
@@ -190,6 +210,27 @@ class Study:
     return _task_labels(self.test_embeddings(first, eval_set), eval_set.finding,
                         self.config.data.uncertain, f'{eval_set.source} ({eval_set.key})')
 
+  def pixels(self, source: str, size: int) -> Dict[str, np.ndarray]:
+    """{'embedding': [N, size * size] raw pixels, 'labels', 'findings'} of 'NAME:SPLIT'."""
+    key = (source, size)
+    if key not in self._pixels:
+      if source not in self._images:
+        records = embed.open_source(source, data_dir=self.data_dir)
+        pp = transforms.Preprocess(self.config.pixels.pp)
+        rng = np.random.default_rng(0)  # Deterministic ops only; the rng is unused.
+        images, labels = [], []
+        for i in range(len(records)):
+          record = records.record(i)
+          images.append(pp({'image': record['image']}, rng)['image'])
+          labels.append(record['labels'])
+        self._images[source] = (images, np.stack(labels), list(records.findings))
+      images, labels, findings = self._images[source]
+      resize = transforms.Preprocess(f'resize({size})')
+      flat = np.stack([resize({'image': image}, None)['image'].reshape(-1) for image in images])
+      self._pixels[key] = {'embedding': flat.astype(np.float32), 'labels': labels,
+                           'findings': findings}
+    return self._pixels[key]
+
   def budget_draws(self, labels, known, draws: int):
     """{(budget, draw): training indices}, the same for every method."""
     pool = np.flatnonzero(known)
@@ -201,13 +242,13 @@ class Study:
         out[(budget, draw)] = pool[chosen]
     return out
 
-  def add(self, method, network, budget, draw, test_set, auroc):
+  def add(self, method, network, budget, draw, test_set, auroc, setting=''):
     row = {'method': method, 'network': network, 'budget': str(budget), 'draw': draw,
-           'test_set': test_set, 'auroc': auroc}
+           'test_set': test_set, 'auroc': auroc, 'setting': setting}
     self.rows.append(row)
     logging.info('%s', row)
     print(f'{method:>10} {network:>8} budget {budget!s:>5} draw {draw} {test_set:>8}: '
-          f'AUROC {auroc:.3f}', file=sys.stderr, flush=True)
+          f'AUROC {auroc:.3f} {setting}', file=sys.stderr, flush=True)
 
   def run_probes(self, truth):
     """Probes per network, budget and draw, each fitted once and scored on every set."""
@@ -228,6 +269,55 @@ class Study:
             self.add(f'{kind}_probe', network, budget, draw, key,
                      _auroc(*truth[key], scores=scores))
     return draws
+
+  def run_pixels(self, draws, truth):
+    """The raw-pixel baseline at the probes' budgets and draws, chosen on validation."""
+    config = self.config
+    if not config.pixels.sizes:
+      return
+    data = config.data
+    source = lambda split: f'{data.name}:{split}'
+    validation = self.pixels(source(data.validation_split), config.pixels.sizes[0])
+    y_val, known_val = _task_labels(validation, data.finding, data.uncertain,
+                                    f'{source(data.validation_split)} (pixels)')
+    train_any = self.pixels(source(data.train_split), config.pixels.sizes[0])
+    y, _ = _task_labels(train_any, data.finding, data.uncertain,
+                        f'{source(data.train_split)} (pixels)')
+    for (budget, draw), indices in draws.items():
+      best = None
+      for size in config.pixels.sizes:
+        x = self.pixels(source(data.train_split), size)['embedding'][indices]
+        x_val = self.pixels(source(data.validation_split), size)['embedding']
+        for scale in config.pixels.l2_scales:
+          fitted = probe_lib.fit(x, y[indices][:, None], kind='linear',
+                                 findings=(data.finding,), config={'l2': scale / len(indices)})
+          score = _auroc(y_val, known_val, fitted.predict(x_val)[:, 0])
+          if best is None or score > best[0]:
+            best = (score, size, scale, fitted)
+      _, size, scale, fitted = best
+      for eval_set in self.eval_sets:
+        x_test = self.pixels(eval_set.source, size)['embedding']
+        self.add('linear_probe', PIXELS, budget, draw, eval_set.key,
+                 _auroc(*truth[eval_set.key], scores=fitted.predict(x_test)[:, 0]),
+                 setting=f'{size}x{size} px, l2 {scale:g}/n')
+
+  def separation(self, truth) -> List[dict]:
+    """Leave-one-out kNN AUROC of the task finding on each in-site test embedding."""
+    labels, known = truth[IN_SITE]
+    split = self.config.data.test_split
+    embeddings = {network: self.embeddings(network, split)['embedding']
+                  for network in self.config.networks}
+    for size in self.config.pixels.sizes:
+      embeddings[f'{PIXELS} {size}x{size}'] = self.pixels(
+          f'{self.config.data.name}:{split}', size)['embedding']
+    rows = []
+    for name, embedding in embeddings.items():
+      x = embedding[known]
+      x = x - x.mean(0)  # Cosine neighbours of centred features.
+      scores = evaluator.knn_scores(x, labels[known][:, None].astype(np.float32))[:, 0]
+      rows.append({'embedding': name, 'knn_auroc': float(metrics.auroc(
+          labels[known].astype(np.int32), scores))})
+    return rows
 
   def finetune_config(self, network: str, mode: str, indices, draw: int):
     config, study = config_lib.base_config(), self.config.finetune
@@ -288,13 +378,14 @@ class Study:
   def run(self):
     truth = {s.key: self.truth(s) for s in self.eval_sets}
     draws = self.run_probes(truth)
+    self.run_pixels(draws, truth)
     self.run_finetuning(draws, truth)
     report_lib.write_csv(os.path.join(self.workdir, 'results.csv'), self.rows)
     summary = self.summarise()
     report_lib.write_csv(os.path.join(self.workdir, 'summary.csv'), summary)
     figures = self.figures(summary, *truth[IN_SITE])
     exported = self.export()
-    self.write_report(summary, figures, exported, truth)
+    self.write_report(summary, figures, exported, truth, self.separation(truth))
     return summary
 
   def summarise(self) -> List[dict]:
@@ -362,7 +453,7 @@ class Study:
       raise RuntimeError(f'Exporting {network} failed; see {log_path}.')
     return output
 
-  def write_report(self, summary, figures, exported, truth):
+  def write_report(self, summary, figures, exported, truth, separation):
     config = self.config
     doc = report_lib.Report(f'Transfer study: {config.data.finding} on {config.data.name}')
     labels, known = truth[IN_SITE]
@@ -400,12 +491,24 @@ class Study:
     doc.section('The published claims, on this run')
     for line in claims(summary, budgets, cxr=config.cxr_network):
       doc.paragraph(line)
+    efficiency_values = label_efficiency(summary, config.efficiency_budget,
+                                         cxr=config.cxr_network)
+    for line in efficiency_lines(efficiency_values, config.efficiency_budget,
+                                 cxr=config.cxr_network):
+      doc.paragraph(line)
     for eval_set in external:
       doc.paragraph(f'On the external test set `{eval_set.key}`:')
       for line in claims(summary, budgets, test_set=eval_set.key, cxr=config.cxr_network):
         doc.paragraph(line)
     if 'data_efficiency' in figures:
       doc.image(figures['data_efficiency'], 'Test AUROC against the number of training labels.')
+    doc.section('Separation of the test embeddings')
+    doc.paragraph(f'Leave-one-out kNN AUROC of `{config.data.finding}` on the in-site test '
+                  f'set ({evaluator.KNN_NEIGHBOURS} cosine neighbours of the centred '
+                  'embedding; no training labels): how far each embedding places positives '
+                  'near positives.')
+    doc.table([{**row, 'knn_auroc': f"{row['knn_auroc']:.3f}"} for row in separation],
+              {'embedding': 'embedding', 'knn_auroc': 'kNN AUROC'})
     for eval_set in external:
       if f'data_efficiency_{eval_set.key}' in figures:
         doc.image(figures[f'data_efficiency_{eval_set.key}'],
@@ -423,6 +526,8 @@ class Study:
                     'PNG bytes and return embeddings).')
     doc.write(os.path.join(self.workdir, 'report.md'))
     values = claim_values(summary, budgets, cxr=config.cxr_network)
+    values['label_efficiency'] = efficiency_values
+    values['knn_auroc'] = {row['embedding']: row['knn_auroc'] for row in separation}
     if external:
       values['external'] = {s.key: claim_values(summary, budgets, test_set=s.key,
                                                 cxr=config.cxr_network) for s in external}
@@ -494,6 +599,7 @@ def claim_values(summary, budgets, test_set: str = IN_SITE,
   """
   pairs = {
       'cxr_beats_generic_linear_probe': (('linear_probe', cxr), ('linear_probe', 'generic')),
+      'cxr_beats_pixels_linear_probe': (('linear_probe', cxr), ('linear_probe', PIXELS)),
       'pretraining_beats_scratch': (('finetune', cxr), ('finetune', 'scratch')),
       'lpft_at_least_finetune': (('lpft', cxr), ('finetune', cxr)),
   }
@@ -509,6 +615,7 @@ def claims(summary, budgets, test_set: str = IN_SITE, cxr: str = 'cxr') -> List[
   text = {
       'cxr_beats_generic_linear_probe': 'CXR-specific pretraining beats generic pretraining '
                                         '(linear probe on the embeddings)',
+      'cxr_beats_pixels_linear_probe': 'The CXR embedding beats the raw pixels (linear probes)',
       'pretraining_beats_scratch': 'Pretraining beats training from scratch (full fine-tuning)',
       'lpft_at_least_finetune': 'LP-FT is at least as good as fine-tuning alone',
   }
@@ -522,6 +629,67 @@ def claims(summary, budgets, test_set: str = IN_SITE, cxr: str = 'cxr') -> List[
     verdict = ('holds at every budget' if len(held) == len(values) else
                f'holds at {len(held)} of {len(values)} budgets' if held else 'does not hold')
     lines.append(f'**{text[claim]}**: {verdict} ({detail}).')
+  return lines
+
+
+def labels_to_reach(curve: Dict[int, float], target: float) -> Optional[float]:
+  """Labels a method needs to reach `target` AUROC on its budget curve {budget: mean}.
+
+  Linear in log(budget) between the two budgets that bracket the first crossing; the
+  smallest budget if it is already there; None if the curve never gets there.
+  """
+  budgets = sorted(curve)
+  if not budgets:
+    return None
+  if curve[budgets[0]] >= target:
+    return float(budgets[0])
+  for low, high in zip(budgets, budgets[1:]):
+    if curve[high] >= target:
+      t = (target - curve[low]) / (curve[high] - curve[low])
+      return float(np.exp(np.log(low) + t * (np.log(high) - np.log(low))))
+  return None
+
+
+def label_efficiency(summary, at: int, test_set: str = IN_SITE, cxr: str = 'cxr',
+                     method: str = 'linear_probe') -> Dict[str, dict]:
+  """Per baseline network: the labels it needs to match the CXR probe at `at` labels.
+
+  {network: {'target': CXR AUROC at `at`, 'labels': needed (None: not within the
+  largest budget), 'factor': labels / at, or the largest budget / at as a lower bound,
+  'at_least': whether 'factor' is only a lower bound}}. Empty when the CXR probe has no
+  score at `at` labels. Numeric budgets only ('all' has no size here).
+  """
+  curves = {}
+  for row in _rows_of(summary, test_set):
+    if row['method'] == method and row['budget'] != 'all':
+      curves.setdefault(row['network'], {})[int(row['budget'])] = row['auroc_mean']
+  target = curves.get(cxr, {}).get(int(at))
+  if target is None:
+    return {}
+  out = {}
+  for network, curve in curves.items():
+    if network == cxr:
+      continue
+    needed = labels_to_reach(curve, target)
+    out[network] = {'target': target, 'labels': needed,
+                    'factor': (needed if needed is not None else max(curve)) / int(at),
+                    'at_least': needed is None}
+  return out
+
+
+def efficiency_lines(values: Dict[str, dict], at: int, cxr: str = 'cxr') -> List[str]:
+  if not values:
+    return [f'**Label efficiency**: not measured (no linear probe of `{cxr}` at {at} labels).']
+  lines = []
+  for network, v in values.items():
+    if v['at_least']:
+      detail = (f'does not reach it within {round(v["factor"] * at)} labels: '
+                f'**>= {v["factor"]:.0f}x**')
+    else:
+      detail = f'needs {v["labels"]:.0f} labels: **{v["factor"]:.1f}x**'
+    lines.append(f'**Label efficiency against `{network}`**: the `{cxr}` linear probe '
+                 f'reaches {v["target"]:.3f} AUROC with {at} labels; a linear probe on '
+                 f'`{network}` {detail}.')
   return lines
 
 

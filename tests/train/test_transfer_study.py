@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 
+import cv2
 import ml_collections
 import numpy as np
 import pytest
@@ -36,15 +37,17 @@ def test_claims_compare_the_right_methods_at_each_budget():
   summary = [row('linear_probe', 'cxr', '10', 0.80), row('linear_probe', 'generic', '10', 0.70),
              row('linear_probe', 'cxr', '100', 0.85), row('linear_probe', 'generic', '100', 0.90),
              row('finetune', 'cxr', '10', 0.75), row('finetune', 'scratch', '10', 0.60),
-             row('lpft', 'cxr', '10', 0.70)]
+             row('lpft', 'cxr', '10', 0.70), row('linear_probe', 'pixels', '100', 0.84)]
   values = transfer_study.claim_values(summary, ['10', '100'])
   assert values['cxr_beats_generic_linear_probe'] == {'10': (0.80, 0.70), '100': (0.85, 0.90)}
+  assert values['cxr_beats_pixels_linear_probe'] == {'100': (0.85, 0.84)}
   assert values['pretraining_beats_scratch'] == {'10': (0.75, 0.60)}
   assert values['lpft_at_least_finetune'] == {'10': (0.70, 0.75)}
   lines = transfer_study.claims(summary, ['10', '100'])
   assert 'holds at 1 of 2 budgets (10 labels: 0.800 vs 0.700; 100 labels: 0.850 vs 0.900)' in lines[0]
-  assert 'holds at every budget' in lines[1]
-  assert 'does not hold' in lines[2]
+  assert 'holds at every budget (100 labels: 0.850 vs 0.840)' in lines[1]
+  assert 'holds at every budget' in lines[2]
+  assert 'does not hold' in lines[3]
   assert 'not measured' in transfer_study.claims([], ['10'])[0]
   # External rows never enter the in-site verdicts, and have verdicts of their own.
   summary += [row('linear_probe', 'cxr', '10', 0.55, 'site_c'),
@@ -138,6 +141,7 @@ def tiny_study(tmp_path_factory):
   config.data.name, config.data.data_dir, config.data.finding = site_b, data_dir, FINDING
   config.networks = ml_collections.ConfigDict({'cxr': str(root / 'cxr')})
   config.budgets, config.draws, config.probes = (20,), 1, ('linear',)
+  config.efficiency_budget = 20
   config.finetune.networks, config.finetune.modes = ('cxr',), ('full',)
   config.finetune.steps, config.finetune.batch_size = 2, 8
   config.tsne, config.export.network = (), ''
@@ -175,12 +179,13 @@ def test_external_scores_sit_beside_unchanged_in_site_scores(tiny_study):
   # In-site rows are what they were without the external set; each gained its twin.
   in_site = [r for r in after['results'] if r['test_set'] == 'in_site']
   assert in_site == before['results']
-  assert [(r['method'], r['test_set']) for r in after['results']] == [
-      ('linear_probe', 'in_site'), ('linear_probe', 'site_c'),
-      ('finetune', 'in_site'), ('finetune', 'site_c')]
+  assert [(r['method'], r['network'], r['test_set']) for r in after['results']] == [
+      ('linear_probe', 'cxr', 'in_site'), ('linear_probe', 'cxr', 'site_c'),
+      ('linear_probe', 'pixels', 'in_site'), ('linear_probe', 'pixels', 'site_c'),
+      ('finetune', 'cxr', 'in_site'), ('finetune', 'cxr', 'site_c')]
   assert {r['test_set'] for r in after['summary']} == {'in_site', 'site_c'}
   external = {r['method']: float(r['auroc']) for r in after['results']
-              if r['test_set'] == 'site_c'}
+              if r['test_set'] == 'site_c' and r['network'] == 'cxr'}
 
   # The probe: refitted on the same training draw, applied to site C's embeddings.
   study = transfer_study.Study(tiny_study['config'], workdir)
@@ -220,3 +225,84 @@ def test_external_scores_sit_beside_unchanged_in_site_scores(tiny_study):
   claims = dict(after['claims'])
   assert set(claims.pop('external')) == {'site_c'}
   assert claims == before['claims']
+
+
+@pytest.mark.slow
+def test_pixel_baseline_is_chosen_on_validation_and_scored_on_test(tiny_study):
+  config, workdir = tiny_study['config'], tiny_study['workdir']
+  rows = [r for r in tiny_study['after']['results'] if r['network'] == 'pixels']
+  assert [r['test_set'] for r in rows] == ['in_site', 'site_c']
+  study = transfer_study.Study(config, workdir)
+  name, data_dir = config.data.name, tiny_study['data_dir']
+
+  def pixels(split, size):
+    """Windowed (0.5-99.5 percentiles), area-downsampled, flattened: written out here."""
+    source, _ = pipeline.open_source(name, split, data_dir)
+    out, labels = [], []
+    for i in range(len(source)):
+      image = cv2.imdecode(np.frombuffer(source[i]['image'], np.uint8),
+                           cv2.IMREAD_UNCHANGED).astype(np.float64)
+      lo, hi = np.percentile(image, (0.5, 99.5))
+      image = np.clip((image - lo) / (hi - lo), 0, 1).astype(np.float32)
+      out.append(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA).reshape(-1))
+      labels.append(source[i]['labels'])
+    return {'embedding': np.stack(out), 'labels': np.stack(labels),
+            'findings': list(pipeline.findings_of(pipeline.open_source(name, split, data_dir)[1]))}
+
+  train, validation, test = (pixels(split, 16) for split in ('train', 'validation', 'test'))
+  np.testing.assert_allclose(study.pixels(f'{name}:train', 16)['embedding'],
+                             train['embedding'], atol=1e-5)
+  y, known = _truth(train)
+  (indices,) = study.budget_draws(y, known, 1).values()
+  # Every setting's validation AUROC; the row's setting must be the best of them.
+  y_val, known_val = _truth(validation)
+  scores = {}
+  for size in config.pixels.sizes:
+    x = study.pixels(f'{name}:train', size)['embedding'][indices]
+    x_val = study.pixels(f'{name}:validation', size)['embedding']
+    for scale in config.pixels.l2_scales:
+      fitted = probe_lib.fit(x, y[indices][:, None], kind='linear', findings=(FINDING,),
+                             config={'l2': scale / len(indices)})
+      scores[(size, scale)] = (sk_metrics.roc_auc_score(
+          y_val[known_val], fitted.predict(x_val)[known_val, 0]), fitted)
+  size, scale = max(scores, key=lambda k: scores[k][0])
+  assert rows[0]['setting'] == f'{size}x{size} px, l2 {scale:g}/n'
+  y_test, known_test = _truth(pixels('test', size))
+  test_scores = scores[(size, scale)][1].predict(
+      study.pixels(f'{name}:test', size)['embedding'])[:, 0]
+  assert float(rows[0]['auroc']) == pytest.approx(
+      sk_metrics.roc_auc_score(y_test[known_test], test_scores[known_test]), abs=1e-6)
+  # The report and claims.json carry the baseline, its efficiency and the kNN table.
+  report, claims = tiny_study['after']['report'], tiny_study['after']['claims']
+  assert '| linear_probe | pixels |' in report
+  assert 'Separation of the test embeddings' in report
+  assert set(claims['knn_auroc']) == {'cxr', 'pixels 8x8', 'pixels 16x16', 'pixels 32x32'}
+  assert set(claims['label_efficiency']) == {'pixels'}  # The efficiency budget is 20 here.
+  assert claims['cxr_beats_pixels_linear_probe']['20'][1] == pytest.approx(
+      float(rows[0]['auroc']))
+
+
+def test_labels_to_reach_interpolates_in_log_budget():
+  curve = {10: 0.60, 45: 0.70, 100: 0.80, 500: 0.90}
+  assert transfer_study.labels_to_reach(curve, 0.55) == 10
+  assert transfer_study.labels_to_reach(curve, 0.70) == pytest.approx(45)
+  assert transfer_study.labels_to_reach(curve, 0.85) == pytest.approx(np.sqrt(100 * 500))
+  assert transfer_study.labels_to_reach(curve, 0.95) is None
+  # A curve that dips: the first crossing counts.
+  assert transfer_study.labels_to_reach({10: 0.7, 45: 0.6, 100: 0.75}, 0.7) == 10
+
+
+def test_label_efficiency_against_each_baseline():
+  summary = [row('linear_probe', 'cxr', '45', 0.80), row('linear_probe', 'cxr', '500', 0.85),
+             row('linear_probe', 'generic', '45', 0.60), row('linear_probe', 'generic', '500', 0.70),
+             row('linear_probe', 'pixels', '45', 0.70), row('linear_probe', 'pixels', '100', 0.80),
+             row('linear_probe', 'pixels', 'all', 0.95), row('finetune', 'cxr', '45', 0.99)]
+  values = transfer_study.label_efficiency(summary, 45)
+  assert values['generic'] == {'target': 0.80, 'labels': None, 'factor': 500 / 45,
+                               'at_least': True}
+  assert values['pixels']['labels'] == pytest.approx(100)
+  assert values['pixels']['factor'] == pytest.approx(100 / 45)
+  lines = transfer_study.efficiency_lines(values, 45)
+  assert '**>= 11x**' in lines[0] and '**2.2x**' in lines[1]
+  assert transfer_study.label_efficiency(summary, 10) == {}
+  assert 'not measured' in transfer_study.efficiency_lines({}, 10)[0]
