@@ -373,6 +373,7 @@ _HEADER = re.compile(
     + r')[ \t]*:', re.IGNORECASE)
 # An unknown header: capitals at a line start, then a colon (ends the section before it).
 _OTHER_HEADER = re.compile(r'(?m)^[ \t]*([A-Z][A-Z /&()\-]*[A-Z)])[ \t]*:')
+_PARAGRAPH_END = re.compile(r'\n[ \t]*\n|(?<=[.!?])[ \t]*\n(?=[ \t]*[A-Z0-9])')
 
 
 def sections(report: str) -> List[Tuple[str, str]]:
@@ -394,7 +395,16 @@ def sections(report: str) -> List[Tuple[str, str]]:
     out.append(('preamble', report[:marks[0][0] if marks else len(report)]))
   for i, (_, end, kind) in enumerate(marks):
     stop = marks[i + 1][0] if i + 1 < len(marks) else len(report)
-    out.append((kind, report[end:stop]))
+    body = report[end:stop]
+    # An indication or history is one paragraph: a blank line, or a line that starts a
+    # new sentence, ends it ("HISTORY: Cough.\nSmall effusion." without FINDINGS:).
+    cut = _PARAGRAPH_END.search(body.lstrip()) if kind == 'excluded' else None
+    if cut:
+      offset = len(body) - len(body.lstrip())
+      out.append((kind, body[:offset + cut.start()]))
+      out.append(('other', body[offset + cut.start():]))
+    else:
+      out.append((kind, body))
   return out
 
 
