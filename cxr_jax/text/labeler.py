@@ -64,6 +64,7 @@ OBSERVATIONS = (
     'Pleural Effusion', 'Pleural Other', 'Fracture', 'Support Devices')
 POSITIVE, NEGATIVE, UNCERTAIN, UNMENTIONED = 1, 0, -1, -2
 OTHER = 'Other Abnormality'  # Mentions that only decide `abnormal`.
+_RANK = {UNMENTIONED: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}  # CheXpert's aggregation.
 
 # --- phrase lists ---------------------------------------------------------------
 # A phrase is space-separated words of the normalised text; 'a|b' is any one of them,
@@ -434,6 +435,22 @@ def normalise(text: str) -> str:
   return ' '.join(text.split())
 
 
+def _expansions(phrase: str, limit: int) -> Optional[List[str]]:
+  """Every literal a phrase stands for, or None when there are more than `limit`."""
+  count, words = 1, []
+  for word in phrase.split():
+    optional = word.endswith('?') and len(word) > 1
+    options = word.rstrip('?').split('|') if optional else word.split('|')
+    words.append(options + [''] if optional else options)
+    count *= len(words[-1])
+  if count > limit:
+    return None
+  out = ['']
+  for options in words:
+    out = [f'{head} {option}' if option else head for head in out for option in options]
+  return sorted({' '.join(text.split()) for text in out if text.strip()})
+
+
 def _token_pattern(phrase: str) -> List[dict]:
   pattern = []
   for word in phrase.split():
@@ -491,7 +508,13 @@ class ReportLabeler:
     patterns = []
     for (phrase, mark), names in by_phrase.items():
       label = '+'.join(sorted(set(names))) + mark
-      patterns.append({'label': label, 'pattern': _token_pattern(phrase)})
+      # Literals go to spaCy's PhraseMatcher (a hash lookup per token); only phrases
+      # with many variants stay token patterns for the (much slower) Matcher.
+      literals = _expansions(phrase, limit=300)
+      if literals is None:
+        patterns.append({'label': label, 'pattern': _token_pattern(phrase)})
+      else:
+        patterns.extend({'label': label, 'pattern': text} for text in literals)
     ruler.add_patterns(patterns)
     nlp.add_pipe('negex', name='negation', config={
         'neg_termset': NEGATION_TERMS, 'extension_name': 'negated'})
@@ -499,6 +522,9 @@ class ReportLabeler:
         'neg_termset': UNCERTAINTY_TERMS, 'extension_name': 'uncertain'})
     self._nlp = nlp
     self._column = {name: k for k, name in enumerate(self.names)}
+    # What decides `abnormal` besides OTHER: every observation but these two.
+    self._findings = [k for k, name in enumerate(self.names)
+                      if name not in ('No Finding', 'Support Devices')]
 
   def label(self, reports: Sequence[str], *, batch_size: int = 256) -> Labels:
     """Labels for each report; a report must be a non-empty str (ValueError names it)."""
@@ -515,10 +541,10 @@ class ReportLabeler:
       codes[i], abnormal[i] = self._aggregate(doc)
     return Labels(codes=codes, abnormal=abnormal, names=self.names)
 
-  def _aggregate(self, doc) -> Tuple[np.ndarray, int]:
-    codes = np.full(len(self.names), UNMENTIONED, np.int8)
+  def _aggregate(self, doc) -> Tuple[List[int], int]:
+    codes = [UNMENTIONED] * len(self.names)
     other = UNMENTIONED
-    rank = {UNMENTIONED: 0, NEGATIVE: 1, UNCERTAIN: 2, POSITIVE: 3}
+    rank = _RANK
     for ent in doc.ents:
       label = ent.label_
       if label.endswith('~') or ent._.negated:
@@ -533,10 +559,8 @@ class ReportLabeler:
         else:
           k = self._column[name]
           codes[k] = max(codes[k], code, key=rank.get)
-    findings = [k for k, name in enumerate(self.names)
-                if name not in ('No Finding', 'Support Devices')]
-    abnormal = bool(np.any(np.isin(codes[findings], (POSITIVE, UNCERTAIN))) or
-                    other in (POSITIVE, UNCERTAIN))
+    abnormal = other in (POSITIVE, UNCERTAIN) or any(
+        codes[k] in (POSITIVE, UNCERTAIN) for k in self._findings)
     if self.devices_abnormal:
       abnormal = abnormal or codes[self._column['Support Devices']] in (POSITIVE, UNCERTAIN)
     codes[self._column['No Finding']] = UNMENTIONED if abnormal else POSITIVE
