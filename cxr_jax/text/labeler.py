@@ -175,6 +175,8 @@ PHRASES: Dict[str, Tuple[str, ...]] = {
     ),
     OTHER: (
         'granuloma', 'granulomas', 'granulomatous', 'calcified lymph node|nodes',
+        # An old infection is a scar, not pneumonia (longer than 'infection', so it wins).
+        'old|prior|previous|remote|healed|past infection|infections|granulomatous|tuberculosis|tb',
         'degenerative', 'spondylosis', 'spondylitic', 'osteophyte', 'osteophytes',
         'osteophytosis', 'arthritis', 'arthritic', 'arthropathy', 'dish',
         'hyperinflation', 'hyperinflated', 'hyperexpanded', 'hyperexpansion',
