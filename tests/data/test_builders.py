@@ -588,6 +588,66 @@ def test_manifest_labels_metadata_and_mixed_formats(manifest):
   assert (text(records['png/c1.png']['sex']), records['png/c1.png']['age']) == ('U', -1)
 
 
+def _mining_spec(**changes):
+  spec = {k: v for k, v in MANIFEST_SPEC.items() if k not in ('labels', 'label_values')}
+  return dict(spec, **changes)
+
+
+MINED_ROWS = [  # The label columns are there but not named: the reports are read.
+    ('png/a1.png', 'MRN1', 'ACC1', 'F', '61', 'PA', 'train', '', '',
+     'INDICATION: Rule out pneumonia.\nFINDINGS: Small left PTX. No effusion.'),
+    ('png/a2.png', 'MRN2', 'ACC2', 'F', '61', 'PA', 'train', '', '',
+     'IMPRESSION: Normal chest. Degenerative changes of the spine.'),
+    ('png/a3.png', 'MRN3', 'ACC3', 'M', '50', 'PA', 'test', '', '',
+     'IMPRESSION: No acute cardiopulmonary process.'),
+]
+
+
+def test_manifest_mines_labels_from_reports(tmp_path):
+  from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+  builder = build('cxr_manifest', tmp_path / 'tfds',
+                  make_manifest(tmp_path / 'h', _mining_spec(), MINED_ROWS))
+  findings = list(builder.info.metadata['findings'])
+  assert findings == list(labeler.OBSERVATIONS) + ['Abnormal']
+  assert builder.info.metadata['labels'] == {
+      'source': 'mined', 'labeler': labeler.LABELER_VERSION, 'report_column': 'notes',
+      'devices_abnormal': False}
+  records = by_id(read_split(builder, 'train'))
+  records.update(by_id(read_split(builder, 'test')))
+  code = {path: dict(zip(findings, r['labels'].tolist())) for path, r in records.items()}
+  assert code['png/a1.png']['Pneumothorax'] == 1 and code['png/a1.png']['Pneumonia'] == UNMENTIONED
+  assert code['png/a1.png']['Pleural Effusion'] == 0 and code['png/a1.png']['Abnormal'] == 1
+  # Outside the 14: only "Abnormal" says so; derive_abnormal reads it.
+  assert code['png/a2.png']['Abnormal'] == 1 and code['png/a2.png']['No Finding'] == UNMENTIONED
+  assert code['png/a3.png']['Abnormal'] == 0 and code['png/a3.png']['No Finding'] == 1
+  abnormal = labels_lib.derive_abnormal(
+      np.stack([records[p]['labels'] for p in ('png/a1.png', 'png/a2.png', 'png/a3.png')]),
+      findings)
+  assert abnormal.tolist() == [1, 1, 0]
+
+
+def test_manifest_mining_problems(tmp_path):
+  rows = [MINED_ROWS[0], MINED_ROWS[1][:9] + ('  ',), MINED_ROWS[2]]
+  with pytest.raises(ValueError, match=r"labels.csv line 3 \(png/a2.png\), column 'notes': "
+                                       'empty report'):
+    build('cxr_manifest', tmp_path / 'tfds', make_manifest(tmp_path / 'h', _mining_spec(), rows))
+  skipped = build('cxr_manifest', tmp_path / 'tfds2',
+                  make_manifest(tmp_path / 'h2', _mining_spec(), rows), on_error='skip')
+  assert 'empty report' in str(skipped.info.metadata['skipped'])
+  # Asked for with label columns, or with no report column: errors naming the manifest.
+  with pytest.raises(ValueError, match='"mine_labels" is true, so labels come from the reports'):
+    make_manifest(tmp_path / 'h3', dict(MANIFEST_SPEC, mine_labels=True), MINED_ROWS)
+    build('cxr_manifest', tmp_path / 'tfds3', tmp_path / 'h3')
+  spec = _mining_spec(mine_labels=True, columns={'patient_id': 'mrn'})
+  with pytest.raises(ValueError, match='needs a report column'):
+    build('cxr_manifest', tmp_path / 'tfds4', make_manifest(tmp_path / 'h4', spec, MINED_ROWS))
+  # Unlabelled without "auto" mining stays unlabelled.
+  plain = build('cxr_manifest', tmp_path / 'tfds5', make_manifest(
+      tmp_path / 'h5', _mining_spec(mine_labels=False), MINED_ROWS))
+  assert list(plain.info.metadata['findings']) == []
+  assert plain.info.metadata['labels'] == {'source': 'columns', 'columns': []}
+
+
 def test_manifest_patient_fraction_split(tmp_path):
   spec = {k: v for k, v in MANIFEST_SPEC.items() if k != 'split_column'}
   spec['split_fractions'] = {'train': 0.5, 'test': 0.5}
