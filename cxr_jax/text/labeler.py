@@ -296,6 +296,10 @@ NEGATION_TERMS = {
         'is absent', 'are absent', 'absent', 'unlikely', 'is unlikely', 'less likely',
         'not apparent', 'not noted', 'ruled out', 'was not', 'were not', 'is not', 'are not',
         'has cleared', 'have cleared', 'cleared',
+        # "Nodular opacities that most likely represent nipple shadows": not a lesion.
+        'nipple shadow', 'nipple shadows', 'represent nipple shadows', 'likely nipple shadows',
+        'likely represent nipple shadows', 'most likely represent nipple shadows',
+        'likely represents nipple shadows', 'consistent with nipple shadows',
     ],
     'pseudo_negations': list(_NOT_NEGATIONS),
     'termination': [

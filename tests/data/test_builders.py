@@ -493,6 +493,36 @@ def test_mimic_negbio_config_reads_its_own_labels(tmp_path):
                                 codes(MIMIC_NEGBIO['53189527'], labels_lib.CHEXPERT_FINDINGS))
 
 
+def test_mimic_mined_config_labels_the_reports(tmp_path):
+  from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+  manual = make_mimic(tmp_path / 'mimic')
+
+  def write_report(subject, study, report):
+    with open(os.path.join(manual, 'files', f'p{subject[:2]}', f'p{subject}',
+                           f's{study}.txt'), 'w') as f:
+      f.write(report)
+
+  write_report('10000764', '57375967', 'IMPRESSION: Right lower lobe pneumonia.')
+  write_report('19999987', '55368167', 'IMPRESSION: No acute process.')
+  # A study without a report is a bad record, named.
+  with pytest.raises(base.RecordError, match=r'no report for study 53189527'):
+    build('mimic_cxr/mined', tmp_path / 'tfds0', manual)
+  write_report('10000032', '53189527',
+               'FINDINGS: Moderate cardiomegaly. Small left effusion.\nIMPRESSION: CHF.')
+  builder = build('mimic_cxr/mined', tmp_path / 'tfds', manual)
+  findings = list(builder.info.metadata['findings'])
+  assert findings == list(labels_lib.CHEXPERT_FINDINGS) + ['Abnormal']
+  assert builder.info.metadata['labels']['labeler'] == labeler.LABELER_VERSION
+  records = by_id(read_split(builder, 'train'))
+  assert set(records) == {i[0] for i in MIMIC_IMAGES[:3]}
+  normal = dict(zip(findings, records[MIMIC_IMAGES[0][0]]['labels'].tolist()))
+  assert normal['No Finding'] == 1 and normal['Abnormal'] == 0  # Nipple shadows: normal.
+  assert normal['Pleural Effusion'] == normal['Pneumothorax'] == normal['Consolidation'] == 0
+  sick = dict(zip(findings, records[MIMIC_IMAGES[2][0]]['labels'].tolist()))
+  assert (sick['Cardiomegaly'], sick['Pleural Effusion'], sick['Edema'], sick['Abnormal']) == (
+      1, 1, 1, 1)
+
+
 def test_mimic_bad_label_and_corrupt_image_skipped(tmp_path):
   values = dict(MIMIC_CHEXPERT, **{'53189527': {'Edema': '2.0'}})
   manual = make_mimic(tmp_path / 'mimic', values, corrupt={MIMIC_IMAGES[1][0]})
