@@ -186,6 +186,8 @@ PHRASES: Dict[str, Tuple[str, ...]] = {
         'unfolding of the aorta', 'aortic dilation|dilatation|ectasia|enlargement', 'dilated aorta', 'dilatation|dilation of the aorta',
         'aortic|atherosclerotic|vascular|arterial calcification|calcifications|calcified|atherosclerosis|plaque',
         'calcified|calcification of the? aorta|aortic|arch|knob|annulus|valve',
+        'aortic knob|arch|wall|valve calcification|calcifications|calcified|atherosclerosis',
+        'calcified aortic knob|arch|wall|valve',
         'atherosclerosis', 'atherosclerotic', 'aneurysm', 'aneurysmal',
         'scoliosis', 'scoliotic', 'kyphosis', 'kyphotic', 'levoscoliosis', 'dextroscoliosis',
         'kyphoscoliosis', 'lordosis', 'lordotic curvature', 'post surgical|postsurgical|postoperative|post operative|operative change|changes|state',
