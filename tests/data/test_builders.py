@@ -493,6 +493,36 @@ def test_mimic_negbio_config_reads_its_own_labels(tmp_path):
                                 codes(MIMIC_NEGBIO['53189527'], labels_lib.CHEXPERT_FINDINGS))
 
 
+def test_mimic_mined_config_labels_the_reports(tmp_path):
+  from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+  manual = make_mimic(tmp_path / 'mimic')
+
+  def write_report(subject, study, report):
+    with open(os.path.join(manual, 'files', f'p{subject[:2]}', f'p{subject}',
+                           f's{study}.txt'), 'w') as f:
+      f.write(report)
+
+  write_report('10000764', '57375967', 'IMPRESSION: Right lower lobe pneumonia.')
+  write_report('19999987', '55368167', 'IMPRESSION: No acute process.')
+  # A study without a report is a bad record, named.
+  with pytest.raises(base.RecordError, match=r'no report for study 53189527'):
+    build('mimic_cxr/mined', tmp_path / 'tfds0', manual)
+  write_report('10000032', '53189527',
+               'FINDINGS: Moderate cardiomegaly. Small left effusion.\nIMPRESSION: CHF.')
+  builder = build('mimic_cxr/mined', tmp_path / 'tfds', manual)
+  findings = list(builder.info.metadata['findings'])
+  assert findings == list(labels_lib.CHEXPERT_FINDINGS) + ['Abnormal']
+  assert builder.info.metadata['labels']['labeler'] == labeler.LABELER_VERSION
+  records = by_id(read_split(builder, 'train'))
+  assert set(records) == {i[0] for i in MIMIC_IMAGES[:3]}
+  normal = dict(zip(findings, records[MIMIC_IMAGES[0][0]]['labels'].tolist()))
+  assert normal['No Finding'] == 1 and normal['Abnormal'] == 0  # Nipple shadows: normal.
+  assert normal['Pleural Effusion'] == normal['Pneumothorax'] == normal['Consolidation'] == 0
+  sick = dict(zip(findings, records[MIMIC_IMAGES[2][0]]['labels'].tolist()))
+  assert (sick['Cardiomegaly'], sick['Pleural Effusion'], sick['Edema'], sick['Abnormal']) == (
+      1, 1, 1, 1)
+
+
 def test_mimic_bad_label_and_corrupt_image_skipped(tmp_path):
   values = dict(MIMIC_CHEXPERT, **{'53189527': {'Edema': '2.0'}})
   manual = make_mimic(tmp_path / 'mimic', values, corrupt={MIMIC_IMAGES[1][0]})
@@ -586,6 +616,66 @@ def test_manifest_labels_metadata_and_mixed_formats(manifest):
               'MRN2', 'ACC3', 'M', 45, 'AP', 'Effusion.', 'hospital_a')
   assert text(records['jpg/a2.jpg']['view']) == 'LATERAL'
   assert (text(records['png/c1.png']['sex']), records['png/c1.png']['age']) == ('U', -1)
+
+
+def _mining_spec(**changes):
+  spec = {k: v for k, v in MANIFEST_SPEC.items() if k not in ('labels', 'label_values')}
+  return dict(spec, **changes)
+
+
+MINED_ROWS = [  # The label columns are there but not named: the reports are read.
+    ('png/a1.png', 'MRN1', 'ACC1', 'F', '61', 'PA', 'train', '', '',
+     'INDICATION: Rule out pneumonia.\nFINDINGS: Small left PTX. No effusion.'),
+    ('png/a2.png', 'MRN2', 'ACC2', 'F', '61', 'PA', 'train', '', '',
+     'IMPRESSION: Normal chest. Degenerative changes of the spine.'),
+    ('png/a3.png', 'MRN3', 'ACC3', 'M', '50', 'PA', 'test', '', '',
+     'IMPRESSION: No acute cardiopulmonary process.'),
+]
+
+
+def test_manifest_mines_labels_from_reports(tmp_path):
+  from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+  builder = build('cxr_manifest', tmp_path / 'tfds',
+                  make_manifest(tmp_path / 'h', _mining_spec(), MINED_ROWS))
+  findings = list(builder.info.metadata['findings'])
+  assert findings == list(labeler.OBSERVATIONS) + ['Abnormal']
+  assert builder.info.metadata['labels'] == {
+      'source': 'mined', 'labeler': labeler.LABELER_VERSION, 'report_column': 'notes',
+      'devices_abnormal': False}
+  records = by_id(read_split(builder, 'train'))
+  records.update(by_id(read_split(builder, 'test')))
+  code = {path: dict(zip(findings, r['labels'].tolist())) for path, r in records.items()}
+  assert code['png/a1.png']['Pneumothorax'] == 1 and code['png/a1.png']['Pneumonia'] == UNMENTIONED
+  assert code['png/a1.png']['Pleural Effusion'] == 0 and code['png/a1.png']['Abnormal'] == 1
+  # Outside the 14: only "Abnormal" says so; derive_abnormal reads it.
+  assert code['png/a2.png']['Abnormal'] == 1 and code['png/a2.png']['No Finding'] == UNMENTIONED
+  assert code['png/a3.png']['Abnormal'] == 0 and code['png/a3.png']['No Finding'] == 1
+  abnormal = labels_lib.derive_abnormal(
+      np.stack([records[p]['labels'] for p in ('png/a1.png', 'png/a2.png', 'png/a3.png')]),
+      findings)
+  assert abnormal.tolist() == [1, 1, 0]
+
+
+def test_manifest_mining_problems(tmp_path):
+  rows = [MINED_ROWS[0], MINED_ROWS[1][:9] + ('  ',), MINED_ROWS[2]]
+  with pytest.raises(ValueError, match=r"labels.csv line 3 \(png/a2.png\), column 'notes': "
+                                       'empty report'):
+    build('cxr_manifest', tmp_path / 'tfds', make_manifest(tmp_path / 'h', _mining_spec(), rows))
+  skipped = build('cxr_manifest', tmp_path / 'tfds2',
+                  make_manifest(tmp_path / 'h2', _mining_spec(), rows), on_error='skip')
+  assert 'empty report' in str(skipped.info.metadata['skipped'])
+  # Asked for with label columns, or with no report column: errors naming the manifest.
+  with pytest.raises(ValueError, match='"mine_labels" is true, so labels come from the reports'):
+    make_manifest(tmp_path / 'h3', dict(MANIFEST_SPEC, mine_labels=True), MINED_ROWS)
+    build('cxr_manifest', tmp_path / 'tfds3', tmp_path / 'h3')
+  spec = _mining_spec(mine_labels=True, columns={'patient_id': 'mrn'})
+  with pytest.raises(ValueError, match='needs a report column'):
+    build('cxr_manifest', tmp_path / 'tfds4', make_manifest(tmp_path / 'h4', spec, MINED_ROWS))
+  # Unlabelled without "auto" mining stays unlabelled.
+  plain = build('cxr_manifest', tmp_path / 'tfds5', make_manifest(
+      tmp_path / 'h5', _mining_spec(mine_labels=False), MINED_ROWS))
+  assert list(plain.info.metadata['findings']) == []
+  assert plain.info.metadata['labels'] == {'source': 'columns', 'columns': []}
 
 
 def test_manifest_patient_fraction_split(tmp_path):

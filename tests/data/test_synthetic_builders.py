@@ -90,3 +90,23 @@ def test_severity_range_is_in_the_name_and_the_records():
 def test_unknown_site_is_named():
   with pytest.raises(ValueError, match="Unknown synthetic site 'Q'"):
     synthetic_builders.make_cxr_config('Q')
+
+
+def test_mined_labels_dataset(tmp_path):
+  config = synthetic_builders.make_cxr_config('A', image_size=32, num_examples=40,
+                                              label_noise=0.3, mine_labels=True)
+  assert config.name == 'site_a_32px_40_noise30_mined_seed0'
+  name = synthetic_builders.prepare(config, str(tmp_path))
+  records, info = read_all(name, 'train', str(tmp_path))
+  from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+  assert info.metadata['labels']['source'] == 'mined'
+  assert info.metadata['labels']['labeler'] == labeler.LABELER_VERSION
+  reports = [r['report'].decode() for r in records]
+  np.testing.assert_array_equal(np.stack([r['labels'] for r in records]),
+                                synthetic.mine_report_labels(reports))
+
+
+def test_generator_labels_are_recorded(cxr):
+  name, data_dir = cxr
+  _, info = read_all(name, 'test', data_dir)
+  assert info.metadata['labels'] == {'source': 'generator', 'label_noise': 0.2}

@@ -35,6 +35,17 @@ Every key (only `name`, `image_column` and `labels` are usually needed):
   split_salt       Changes the patient-level assignment. Default: `name`.
   allow_patient_overlap  With a split column, a patient in two splits is an error
                    unless this is true.
+  mine_labels      "auto" (default), true or false. Mining reads each row's report (the
+                   "report" column, see `columns`) with `cxr_jax.text.labeler` at build
+                   time; the findings are then CheXpert's 14 observations plus
+                   "Abnormal" (any abnormality, also those outside the 14). "auto" mines
+                   when `labels` is empty and there is a report column; true mines
+                   (and `labels` must be empty); false never mines. A row with an empty
+                   report is a bad record naming its line. Mined datasets record
+                   {"source": "mined", "labeler": version, ...} in
+                   `info.metadata['labels']`, others {"source": "columns"}.
+  devices_abnormal Whether a support device alone makes a mined report abnormal
+                   (default false).
   image_bits       8 or 16 (default): how images are stored. DICOMs need 16.
   max_side         Longest stored side in pixels (default 512; --max_side overrides).
   description      Free text, kept in the dataset's info.
@@ -60,8 +71,10 @@ SPEC_DEFAULTS: Dict[str, Any] = {
     'name': None, 'csv': 'manifest.csv', 'image_column': 'path', 'image_root': '.',
     'labels': [], 'label_values': {}, 'columns': {}, 'site': None, 'split_column': None,
     'split_fractions': None, 'split_salt': None, 'allow_patient_overlap': False,
-    'image_bits': 16, 'max_side': 512, 'description': '',
+    'image_bits': 16, 'max_side': 512, 'description': '', 'mine_labels': 'auto',
+    'devices_abnormal': False,
 }
+MINED_ABNORMAL = 'Abnormal'  # The 15th finding of a mined dataset.
 SPLIT_ALIASES = {'val': 'validation', 'valid': 'validation', 'validate': 'validation',
                  'dev': 'validation', 'training': 'train', 'testing': 'test'}
 CODES = (labels_lib.POSITIVE, labels_lib.NEGATIVE, labels_lib.UNCERTAIN, labels_lib.UNMENTIONED)
@@ -118,6 +131,12 @@ def load_spec(path: str) -> Dict[str, Any]:
       fail('split_fractions', f'sum to {sum(fractions.values())}, not 1')
     for name in fractions:
       check_split_name(name, f'{path}: "split_fractions"')
+  if spec['mine_labels'] not in ('auto', True, False):
+    fail('mine_labels', 'must be "auto", true or false')
+  if spec['mine_labels'] is True and spec['labels']:
+    fail('mine_labels', 'is true, so labels come from the reports; leave "labels" empty')
+  if not isinstance(spec['devices_abnormal'], bool):
+    fail('devices_abnormal', 'must be true or false')
   if spec['image_bits'] not in (8, 16):
     fail('image_bits', 'must be 8 or 16')
   if not isinstance(spec['max_side'], int) or spec['max_side'] < 1:
@@ -192,12 +211,35 @@ class CxrManifest(base.CxrBuilder):
   def IMAGE_DTYPE(self):  # pylint: disable=invalid-name  Per manifest, not per class.
     return np.uint16 if self.builder_config.spec['image_bits'] == 16 else np.uint8
 
+  def _mines(self) -> bool:
+    """Whether labels are mined from reports (the spec's "mine_labels", "auto" resolved)."""
+    spec = self.builder_config.spec
+    if spec['mine_labels'] != 'auto':
+      return spec['mine_labels']
+    if spec['labels']:
+      return False
+    csv_path = self._path(spec['csv'])
+    return 'report' in self._metadata_columns(csv_path)
+
   def _findings(self) -> Tuple[str, ...]:
+    if self._mines():
+      from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top  spaCy: only here.
+      return tuple(labeler.OBSERVATIONS) + (MINED_ABNORMAL,)
     return tuple(self.builder_config.spec['labels'])
 
   def _info(self) -> tfds.core.DatasetInfo:
     info = super()._info()
-    info.metadata['manifest'] = dict(self.builder_config.spec)
+    spec = self.builder_config.spec
+    info.metadata['manifest'] = dict(spec)
+    if self._mines():
+      from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+      columns = self._metadata_columns(self._path(spec['csv']))
+      info.metadata['labels'] = {
+          'source': 'mined', 'labeler': labeler.LABELER_VERSION,
+          'report_column': columns.get('report'),
+          'devices_abnormal': spec['devices_abnormal']}
+    else:
+      info.metadata['labels'] = {'source': 'columns', 'columns': list(spec['labels'])}
     return info
 
   def _split_names(self) -> Sequence[str]:
@@ -259,8 +301,36 @@ class CxrManifest(base.CxrBuilder):
                        f'{len(unassigned)} without a valid split).')
     # Rows without a split are reported (or skipped) with the first split.
     listing[min(listing)][:0] = unassigned
+    if self._mines():
+      self._mine(listing, csv_path, columns, first_line_of)
     self._listing = listing
     return listing
+
+  def _mine(self, listing, csv_path: str, columns: Dict[str, str],
+            line_of: Dict[str, int]) -> None:
+    """Replaces each record's labels by the labeler's reading of its report."""
+    from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+    if 'report' not in columns:
+      raise ValueError(f'{csv_path}: "mine_labels" needs a report column; add a "report" '
+                       'column or name one in "columns".')
+    spec = self.builder_config.spec
+    records = [(split, i, r) for split, rs in listing.items() for i, r in enumerate(rs)
+               if isinstance(r, base.Record)]
+    usable = []
+    for split, i, record in records:
+      if record.report.strip():
+        usable.append(record)
+      else:
+        listing[split][i] = base.RecordError(
+            f'{csv_path} line {line_of[record.key]} ({record.key}), column '
+            f'{columns["report"]!r}: empty report; mining labels needs one.')
+    if not usable:
+      raise ValueError(f'{csv_path}: no row has a report to mine labels from (column '
+                       f'{columns["report"]!r}).')
+    mined = labeler.ReportLabeler(devices_abnormal=spec['devices_abnormal']).label(
+        [r.report for r in usable])
+    for record, codes, abnormal in zip(usable, mined.codes, mined.abnormal):
+      record.labels = [int(c) for c in codes] + [int(abnormal)]
 
   def _metadata_columns(self, csv_path: str) -> Dict[str, str]:
     """Metadata field -> CSV column: those the spec names, plus same-named columns."""

@@ -19,6 +19,11 @@ Optional:
 
 A study without a labels row (the labeler found no findings/impression section)
 stores every finding as UNMENTIONED.
+
+The `mined` config reads no label file: it labels each study's free-text report with
+`cxr_jax.text.labeler` at build time (the 14 observations plus `Abnormal`, any
+abnormality including those outside the 14) and records the labeler's version in
+`info.metadata['labels']`; a study without a report is a bad record naming its path.
 """
 
 import dataclasses
@@ -43,7 +48,7 @@ SECTION_HEADER = re.compile(r'^[ \t]*([A-Z][A-Z /&()\-]*[A-Z)])[ \t]*:', re.MULT
 
 @dataclasses.dataclass
 class MimicConfig(base.CxrBuilderConfig):
-  labeler: str = 'chexpert'  # Which label file: 'chexpert' or 'negbio'.
+  labeler: str = 'chexpert'  # Which labels: 'chexpert' or 'negbio' file, or 'mined'.
 
 
 def find_table(manual_dir: str, name: str, required: bool = True) -> Optional[str]:
@@ -92,6 +97,8 @@ class MimicCxr(base.CxrBuilder):
   BUILDER_CONFIGS = [
       MimicConfig(name='chexpert', labeler='chexpert', description='CheXpert labeler labels.'),
       MimicConfig(name='negbio', labeler='negbio', description='NegBio labeler labels.'),
+      MimicConfig(name='mined', labeler='mined',
+                  description='Labels mined from the reports by cxr_jax.text.labeler.'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Get credentialed access to MIMIC-CXR-JPG on PhysioNet (https://physionet.org/content/
@@ -105,6 +112,22 @@ class MimicCxr(base.CxrBuilder):
     self._tables: Optional[Tables] = None
     super().__init__(**kwargs)
 
+  def _mined(self) -> bool:
+    return self.builder_config.labeler == 'mined'
+
+  def _findings(self) -> Tuple[str, ...]:
+    return tuple(self.FINDINGS) + (('Abnormal',) if self._mined() else ())
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    info = super()._info()
+    if self._mined():
+      from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top  spaCy: only here.
+      info.metadata['labels'] = {'source': 'mined', 'labeler': labeler.LABELER_VERSION,
+                                 'from': 'FINDINGS and IMPRESSION of the free-text reports'}
+    else:
+      info.metadata['labels'] = {'source': f'{PREFIX}{self.builder_config.labeler}.csv'}
+    return info
+
   def _split_names(self) -> Sequence[str]:
     return tuple(SPLITS.values())
 
@@ -114,6 +137,9 @@ class MimicCxr(base.CxrBuilder):
       self._tables = self._read_tables(manual_dir)
     tables = self._tables
     reports = ReportFinder(manual_dir, self._reports_dir)
+    if self._mined():
+      yield from self._mined_records(split, manual_dir, tables, reports)
+      return
     for row in tables.images:
       dicom, subject, study = row[DICOM].strip(), row[SUBJECT].strip(), row[STUDY].strip()
       if tables.split_of.get(dicom) != split:
@@ -130,11 +156,43 @@ class MimicCxr(base.CxrBuilder):
           site='mimic', report=reports(folder))
     reports.log_summary(split)
 
+  def _mined_records(self, split, manual_dir, tables, reports):
+    """The split's records with labels mined from their reports, in one labeler batch."""
+    from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+    records = []
+    for row in tables.images:
+      dicom, subject, study = row[DICOM].strip(), row[SUBJECT].strip(), row[STUDY].strip()
+      if tables.split_of.get(dicom) != split:
+        continue
+      sex, age = tables.demographics.get(subject, ('U', -1))
+      folder = study_folder(subject, study)
+      records.append(base.Record(
+          key=dicom, labels=[], image_path=os.path.join(manual_dir, folder, dicom + '.jpg'),
+          patient_id=subject, study_id=study, sex=sex, age=age, view=parse_view(row[VIEW]),
+          site='mimic', report=reports(folder)))
+    reports.log_summary(split)
+    texts = sorted({r.report for r in records if r.report.strip()})
+    mined = labeler.ReportLabeler().label(texts) if texts else None
+    row_of = {text: i for i, text in enumerate(texts)}
+    for record in records:
+      if record.report.strip():
+        i = row_of[record.report]
+        record.labels = [int(c) for c in mined.codes[i]] + [int(mined.abnormal[i])]
+        yield record
+      else:
+        yield base.RecordError(
+            f'{record.key}: no report for study {record.study_id} (looked for '
+            f'{study_folder(record.patient_id, record.study_id)}.txt under {reports.roots}); '
+            'the mined config labels images from their reports.')
+
   def _read_tables(self, manual_dir: str) -> 'Tables':
-    labels_csv = find_table(manual_dir, f'{PREFIX}{self.builder_config.labeler}.csv')
+    if self._mined():
+      labels_csv, label_rows = None, []
+    else:
+      labels_csv = find_table(manual_dir, f'{PREFIX}{self.builder_config.labeler}.csv')
+      label_rows = base.read_csv(labels_csv, (SUBJECT, STUDY) + self.FINDINGS)
     metadata_csv = find_table(manual_dir, f'{PREFIX}metadata.csv')
     split_csv = find_table(manual_dir, f'{PREFIX}split.csv')
-    label_rows = base.read_csv(labels_csv, (SUBJECT, STUDY) + self.FINDINGS)
     images = base.read_csv(metadata_csv, (DICOM, SUBJECT, STUDY, VIEW),
                            keep=(DICOM, SUBJECT, STUDY, VIEW))
     official = base.read_csv(split_csv, (DICOM, STUDY, SUBJECT, SPLIT), keep=(DICOM, SPLIT))

@@ -52,21 +52,31 @@ class SyntheticCxrConfig(base.CxrBuilderConfig):
   label_noise: float = 0.1  # Report-mining noise; 0 gives radiologist-grade labels.
   seed: int = 0
   severity_range: Tuple[float, float] = (0.0, 1.0)  # See synthetic.generate_cxr.
+  mine_labels: bool = False  # Labels read from the reports by cxr_jax.text.labeler.
 
 
 def make_cxr_config(site: str = 'A', image_size: int = 128, num_examples: int = 5000,
                     label_noise: float = 0.1, seed: int = 0,
-                    severity_range: Tuple[float, float] = (0.0, 1.0)) -> SyntheticCxrConfig:
+                    severity_range: Tuple[float, float] = (0.0, 1.0),
+                    mine_labels: bool = False) -> SyntheticCxrConfig:
+  """A config whose name spells its parameters.
+
+  mine_labels: store the labels `cxr_jax.text.labeler` reads from each generated report
+    instead of the generator's codes (the name gains '_mined'; the dataset's metadata
+    says which labeler version mined them).
+  """
   if site not in synthetic.SITES:
     raise ValueError(f'Unknown synthetic site {site!r}; sites: {sorted(synthetic.SITES)}.')
   low, high = synthetic.check_severity_range(severity_range)
   # The full spectrum keeps the names datasets were built under before the range existed.
   severity = '' if (low, high) == (0.0, 1.0) else f'_severity{round(low * 100)}-{round(high * 100)}'
+  mined = '_mined' if mine_labels else ''
   name = (f'site_{site.lower()}_{image_size}px_{num_examples}_noise'
-          f'{round(label_noise * 100)}{severity}_seed{seed}')
+          f'{round(label_noise * 100)}{severity}{mined}_seed{seed}')
   return SyntheticCxrConfig(name=name, site=site, image_size=image_size,
                             num_examples=num_examples, label_noise=label_noise, seed=seed,
-                            severity_range=(low, high), max_side=image_size,
+                            severity_range=(low, high), mine_labels=bool(mine_labels),
+                            max_side=image_size,
                             description=f'Synthetic CXR phantoms of site {site}.')
 
 
@@ -74,7 +84,8 @@ def _render_cxr(index: int, config: SyntheticCxrConfig) -> base.Record:
   example = synthetic.generate_cxr(index, seed=config.seed, site=config.site,
                                    image_size=config.image_size,
                                    label_noise=config.label_noise,
-                                   severity_range=config.severity_range)
+                                   severity_range=config.severity_range,
+                                   mine_labels=config.mine_labels)
   return base.Record(
       key=f'{config.site}-{config.seed}-{index:07d}', labels=example['labels'],
       pixels=example['image'], patient_id=example['patient_id'],
@@ -94,6 +105,19 @@ class SyntheticCxr(base.CxrBuilder):
       dataclasses.replace(make_cxr_config(site, label_noise=0.1 if site == 'A' else 0.0),
                           name=f'site_{site.lower()}')
       for site in sorted(synthetic.SITES)]
+
+  def _info(self):
+    info = super()._info()
+    config = self.builder_config
+    if config.mine_labels:
+      from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top  spaCy: only here.
+      info.metadata['labels'] = {
+          'source': 'mined', 'labeler': labeler.LABELER_VERSION,
+          'observations': {k: list(v) for k, v in synthetic.MINED_OBSERVATIONS.items()},
+          'from': 'the generated reports, written from codes garbled with label_noise'}
+    else:
+      info.metadata['labels'] = {'source': 'generator', 'label_noise': config.label_noise}
+    return info
 
   def _split_names(self):
     return [name for name, _ in SPLIT_FRACTIONS]
