@@ -124,6 +124,8 @@ PREVALENCE = {
 }
 
 AP_FRACTION = 0.3
+# Beyond 3x the default spreads, patients leave the film and tone curves invert.
+MAX_VARIABILITY = 3.0
 
 # How report mining garbles a label when it does (probabilities sum to one).
 # Positives are mostly hedged or missed; negatives mostly go unmentioned.
@@ -293,21 +295,23 @@ def _sample_anatomy(rng, sex, age):
   )
 
 
-def _sample_study_geometry(rng, view):
+def _sample_study_geometry(rng, view, variability=1.0):
+  """Positioning, breath and exposure of one study; `variability` widens their spread."""
   ap = view == 'AP'
+  v = variability
   return dict(
-      center=rng.normal(0, 0.05, 2) + (0, 0.02 * ap),
-      rotation=0.06 * rng.normal(),
-      zoom=rng.uniform(0.84, 1.06) * (1.04 if ap else 1.0),
+      center=v * rng.normal(0, 0.05, 2) + (0, 0.02 * ap),
+      rotation=v * 0.06 * rng.normal(),
+      zoom=(0.95 + v * rng.uniform(-0.11, 0.11)) * (1.04 if ap else 1.0),
       # Supine/portable films are taken in poorer inspiration: domes ride higher.
       inspiration=0.045 * rng.normal() - 0.05 * ap,
       aeration=rng.uniform(0.78, 1.1),  # Depth of breath and habitus: how dark lungs are.
       # Anode heel effect and uneven soft tissue: a gentle brightness slope across the film.
-      heel=(rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.25)),
+      heel=(rng.uniform(0, 2 * np.pi), v * rng.uniform(0, 0.25)),
       heart_magnification=1.13 if ap else 1.0,
-      penetration=rng.uniform(0.85, 1.15),
-      dose=float(np.exp(rng.normal(0, 0.35))),
-      gamma=rng.uniform(0.9, 1.1),
+      penetration=1 + v * rng.uniform(-0.15, 0.15),
+      dose=float(np.exp(v * rng.normal(0, 0.35))),
+      gamma=1 + v * rng.uniform(-0.1, 0.1),
       window=(rng.uniform(0.2, 1.5), rng.uniform(99.3, 99.9)),
       noise_seed=int(rng.integers(2**31)),
       stomach_gas=(rng.uniform(0, 0.25), rng.uniform(0.05, 0.12)),  # (density, size)
@@ -382,10 +386,22 @@ def check_severity_range(severity_range) -> Tuple[float, float]:
   return low, high
 
 
+def check_variability(variability) -> float:
+  """`variability` as a float, or a ValueError naming the value."""
+  try:
+    value = float(variability)
+  except (TypeError, ValueError):
+    raise ValueError(f'variability must be a number, got {variability!r}.') from None
+  if not 0.0 <= value <= MAX_VARIABILITY:
+    raise ValueError(f'variability must be in [0, {MAX_VARIABILITY}], got {variability!r}.')
+  return value
+
+
 def _sample_study(index, seed, site, label_noise, findings_override,
-                  severity_range=(0.0, 1.0)):
+                  severity_range=(0.0, 1.0), variability=1.0):
   _check_seed_index(seed, index)
   severity_range = check_severity_range(severity_range)
+  variability = check_variability(variability)
   if site not in SITES:
     raise ValueError(f'Unknown site {site!r}; sites are {sorted(SITES)}.')
   if not 0.0 <= label_noise <= 1.0:
@@ -405,7 +421,7 @@ def _sample_study(index, seed, site, label_noise, findings_override,
 
   study_rng = _rng(seed, site, _STUDY, index)
   view = 'AP' if study_rng.random() < AP_FRACTION else 'PA'
-  anatomy.update(_sample_study_geometry(study_rng, view))
+  anatomy.update(_sample_study_geometry(study_rng, view, variability))
 
   # Presence draws come first, then every finding's parameters in a fixed order and
   # number, so forcing one finding on or off changes no other draw.
@@ -657,10 +673,10 @@ def _write_report(study: _Study) -> str:
 def study_metadata(index: int, *, seed: int = 0, site: str = 'A', label_noise: float = 0.1,
                    findings_override: Optional[Mapping[str, bool]] = None,
                    severity_range: Tuple[float, float] = (0.0, 1.0),
-                   mine_labels: bool = False) -> dict:
+                   mine_labels: bool = False, variability: float = 1.0) -> dict:
   """Everything `generate_cxr` returns except the image, without rendering it (fast)."""
   return _metadata(_sample_study(index, seed, site, label_noise, findings_override,
-                                 severity_range), mine_labels)
+                                 severity_range, variability), mine_labels)
 
 
 # What the labeler's observations mean for CXR_FINDINGS: the most certain code among
@@ -1324,7 +1340,7 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
                  label_noise: float = 0.1,
                  findings_override: Optional[Mapping[str, bool]] = None,
                  severity_range: Tuple[float, float] = (0.0, 1.0),
-                 mine_labels: bool = False) -> dict:
+                 mine_labels: bool = False, variability: float = 1.0) -> dict:
   """One synthetic frontal chest radiograph with labels, metadata and report.
 
   Args:
@@ -1340,6 +1356,12 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
       higher floor keeps findings visible at small image sizes (the quickstart's 32 px).
     mine_labels: take 'labels' (and 'abnormal', 'no_finding') from the report, read by
       `cxr_jax.text.labeler` (see `mine_report_labels`), instead of the generator's codes.
+    variability: how widely positioning (shift, rotation, patient size and distance)
+      and acquisition (dose, penetration, tone, heel effect) vary between studies, as
+      a multiple of the default spreads: 1 is a well-positioned department; real
+      archives vary more (2 to 3), which is what keeps a linear model on raw pixels
+      from finding findings by their place in the image. The same draws are made at
+      every value, so a study's patient, findings and report do not depend on it.
 
   Returns:
     dict with 'image' uint16 [H, W]; 'true_labels' int8 [K] (0/1, order of
@@ -1349,7 +1371,8 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
   """
   if not (isinstance(image_size, (int, np.integer)) and image_size >= 32):
     raise ValueError(f'image_size must be an integer >= 32, got {image_size!r}.')
-  study = _sample_study(index, seed, site, label_noise, findings_override, severity_range)
+  study = _sample_study(index, seed, site, label_noise, findings_override, severity_range,
+                        variability)
   frame = _patient_frame(int(image_size), study.anatomy)
   display = _expose(_render_density(study, frame), study, frame)
   example = _metadata(study, mine_labels)

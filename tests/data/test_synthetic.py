@@ -106,6 +106,10 @@ def test_bad_arguments_are_named():
     synthetic.generate_cxr(0, severity_range=(0.9, 0.2))
   with pytest.raises(ValueError, match='severity_range must be a pair'):
     synthetic.generate_cxr(0, severity_range=0.8)
+  with pytest.raises(ValueError, match=r'variability must be in \[0, 3.0\], got 4'):
+    synthetic.generate_cxr(0, variability=4)
+  with pytest.raises(ValueError, match="variability must be a number, got 'wide'"):
+    synthetic.generate_cxr(0, variability='wide')
   with pytest.raises(ValueError, match='num_classes'):
     synthetic.generate_natural(0, num_classes=synthetic.MAX_NATURAL_CLASSES + 1)
 
@@ -338,6 +342,31 @@ def test_severity_range_rescales_every_severity_and_changes_nothing_else():
     return np.abs(on['image'].astype(np.float32) - off['image']).sum()
   assert sum(changed(i, (0.8, 1.0)) for i in range(6)) > sum(changed(i, (0.0, 1.0))
                                                              for i in range(6))
+
+
+def test_variability_widens_positioning_and_acquisition_only():
+  """Shift, rotation, zoom and exposure move away from their centred values in
+  proportion to `variability`; patients, findings, labels and reports are drawn as
+  before."""
+  geometry = ('center', 'rotation', 'zoom', 'penetration', 'gamma')
+
+  def studies(variability):
+    return [synthetic._sample_study(i, 3, 'B', 0.1, None, variability=variability)
+            for i in range(100)]
+
+  centred, default, wide = studies(0.0), studies(1.0), studies(2.5)
+  for c, d, w in zip(centred, default, wide):
+    for key in geometry:
+      np.testing.assert_allclose(np.asarray(w.anatomy[key]) - c.anatomy[key],
+                                 2.5 * (np.asarray(d.anatomy[key]) - c.anatomy[key]),
+                                 rtol=1e-9, atol=1e-12, err_msg=key)
+    assert c.anatomy['rotation'] == 0 and c.anatomy['penetration'] == 1
+    np.testing.assert_array_equal(w.labels, d.labels)
+    np.testing.assert_array_equal(w.true_labels, d.true_labels)
+    assert (w.patient_id, w.view, w.age) == (d.patient_id, d.view, d.age)
+    assert w.findings['airspace_opacity'] == d.findings['airspace_opacity']
+  assert synthetic.study_metadata(7, variability=2.5)['report'] == (
+      synthetic.study_metadata(7)['report'])
 
 
 # ---------------------------------------------------------------------------

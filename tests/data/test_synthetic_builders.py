@@ -87,6 +87,19 @@ def test_severity_range_is_in_the_name_and_the_records():
     synthetic_builders.make_cxr_config('A', severity_range=(0.5, 1.5))
 
 
+def test_variability_is_in_the_name_and_the_records():
+  config = synthetic_builders.make_cxr_config('B', image_size=32, num_examples=10,
+                                              variability=2.5)
+  assert config.name == 'site_b_32px_10_noise10_var2.5_seed0'
+  record = synthetic_builders._render_cxr(3, config)
+  np.testing.assert_array_equal(record.pixels, synthetic.generate_cxr(
+      3, site='B', image_size=32, variability=2.5)['image'])
+  assert not np.array_equal(record.pixels, synthetic.generate_cxr(3, site='B',
+                                                                  image_size=32)['image'])
+  with pytest.raises(ValueError, match='variability'):
+    synthetic_builders.make_cxr_config('B', variability=-1)
+
+
 def test_unknown_site_is_named():
   with pytest.raises(ValueError, match="Unknown synthetic site 'Q'"):
     synthetic_builders.make_cxr_config('Q')

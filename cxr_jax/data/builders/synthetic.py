@@ -53,17 +53,21 @@ class SyntheticCxrConfig(base.CxrBuilderConfig):
   seed: int = 0
   severity_range: Tuple[float, float] = (0.0, 1.0)  # See synthetic.generate_cxr.
   mine_labels: bool = False  # Labels read from the reports by cxr_jax.text.labeler.
+  variability: float = 1.0  # Spread of positioning and acquisition; see generate_cxr.
 
 
 def make_cxr_config(site: str = 'A', image_size: int = 128, num_examples: int = 5000,
                     label_noise: float = 0.1, seed: int = 0,
                     severity_range: Tuple[float, float] = (0.0, 1.0),
-                    mine_labels: bool = False) -> SyntheticCxrConfig:
+                    mine_labels: bool = False,
+                    variability: float = 1.0) -> SyntheticCxrConfig:
   """A config whose name spells its parameters.
 
   mine_labels: store the labels `cxr_jax.text.labeler` reads from each generated report
     instead of the generator's codes (the name gains '_mined'; the dataset's metadata
     says which labeler version mined them).
+  variability: spread of positioning and acquisition (synthetic.generate_cxr); other
+    than 1 the name gains e.g. '_var2.5'.
   """
   if site not in synthetic.SITES:
     raise ValueError(f'Unknown synthetic site {site!r}; sites: {sorted(synthetic.SITES)}.')
@@ -71,11 +75,14 @@ def make_cxr_config(site: str = 'A', image_size: int = 128, num_examples: int = 
   # The full spectrum keeps the names datasets were built under before the range existed.
   severity = '' if (low, high) == (0.0, 1.0) else f'_severity{round(low * 100)}-{round(high * 100)}'
   mined = '_mined' if mine_labels else ''
+  variability = synthetic.check_variability(variability)
+  spread = '' if variability == 1.0 else f'_var{variability:g}'
   name = (f'site_{site.lower()}_{image_size}px_{num_examples}_noise'
-          f'{round(label_noise * 100)}{severity}{mined}_seed{seed}')
+          f'{round(label_noise * 100)}{severity}{spread}{mined}_seed{seed}')
   return SyntheticCxrConfig(name=name, site=site, image_size=image_size,
                             num_examples=num_examples, label_noise=label_noise, seed=seed,
                             severity_range=(low, high), mine_labels=bool(mine_labels),
+                            variability=variability,
                             max_side=image_size,
                             description=f'Synthetic CXR phantoms of site {site}.')
 
@@ -85,7 +92,8 @@ def _render_cxr(index: int, config: SyntheticCxrConfig) -> base.Record:
                                    image_size=config.image_size,
                                    label_noise=config.label_noise,
                                    severity_range=config.severity_range,
-                                   mine_labels=config.mine_labels)
+                                   mine_labels=config.mine_labels,
+                                   variability=config.variability)
   return base.Record(
       key=f'{config.site}-{config.seed}-{index:07d}', labels=example['labels'],
       pixels=example['image'], patient_id=example['patient_id'],
