@@ -50,6 +50,19 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+class Preempted(Exception):
+  """SIGTERM stopped a run after saving a checkpoint; re-running its command continues it.
+
+  An exception rather than a return, so that nothing that runs after a run (a chain's
+  next stage, LP-FT's fine-tuning, a study's evaluation) goes on from a partial one.
+  """
+
+  def __init__(self, workdir: str, step: int):
+    super().__init__(f'Preempted (SIGTERM): the run in {workdir} saved a checkpoint at step '
+                     f'{step} and stopped before finishing. Re-run the same command to continue.')
+    self.workdir, self.step = workdir, step
+
+
 # --- what differs between stages ------------------------------------------------------
 
 
@@ -156,6 +169,7 @@ def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
   if config.init.weights:
     loaded = {'backbone': models.load_pretrained(network.backbone, config.init.weights)}
   elif config.init.workdir:
+    checkpointing.require_complete(config.init.workdir, 'config.init.workdir')
     loaded = variables_from_workdir(config.init.workdir, head=config.init.head)
   else:
     return variables
@@ -315,6 +329,8 @@ def train(config, workdir: str) -> State:
       raise ValueError(_mismatch_message(workdir, config, e)) from None
     logging.info('Resumed from step %d in %s', int(state['step']), workdir)
   start = int(state['step'])
+  if start < config.total_steps:  # Training on: the run is not finished until it ends.
+    checkpointing.clear_complete(workdir)
 
   step_fn = jax.jit(make_train_step(network, config, tx), donate_argnums=(0,),
                     out_shardings=(state_sharding, sharding.replicated(mesh)))
@@ -345,6 +361,10 @@ def train(config, workdir: str) -> State:
       if preempted:
         logging.warning('SIGTERM: saved a checkpoint at step %d; exiting.', step)
         break
+    # Recorded only once the last checkpoint is on disk (saves are asynchronous).
+    checkpoints.wait()
+    if int(state['step']) == config.total_steps:
+      checkpointing.mark_complete(workdir, config.total_steps)
   finally:
     preemption.restore()
     for manager in (checkpoints, best):
@@ -352,6 +372,8 @@ def train(config, workdir: str) -> State:
         manager.wait()
         manager.close()
     writer.close()
+  if preemption.requested:  # Also when it came after the last step: the job is stopping.
+    raise Preempted(workdir, int(state['step']))
   return state
 
 

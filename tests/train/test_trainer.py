@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from cxr_jax import main
 from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.train import checkpointing
@@ -180,7 +181,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(data_dir, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_as_preempted(data_dir, tmp_path):
   flags = overrides(data_dir, total_steps=100000, **{'checkpoint.every': 1000})
   process = run_main('supervised', flags, tmp_path)
   metrics = tmp_path / 'metrics.jsonl'
@@ -188,9 +189,51 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 3):
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=120) == 0, log_of(tmp_path)[-3000:]
+  # Not 0: a scheduler (or a chain) must not take a stopped run for a finished one.
+  assert process.wait(timeout=120) == main.EXIT_PREEMPTED, log_of(tmp_path)[-3000:]
+  last_lines = log_of(tmp_path).strip().splitlines()[-2:]
+  assert 'Re-run the same command to continue' in last_lines[0], last_lines
+  assert last_lines[1] == 'Exit status 75: preempted, re-run to continue.', last_lines
+  assert not (tmp_path / checkpointing.COMPLETE).exists()
   steps = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
   assert steps and max(steps) >= 3 and max(steps) < 1000
+
+
+def sigterm_at(monkeypatch, step):
+  """Sends this process SIGTERM when the run writes the metrics of `step`."""
+  from cxr_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  write = metrics_lib.MetricWriter.write
+
+  def write_then_signal(self, at, values):
+    write(self, at, values)
+    if at == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', write_then_signal)
+
+
+def test_preemption_stops_everything_after_it_and_completion_is_recorded(
+    data_dir, tmp_path, monkeypatch):
+  run = tmp_path / 'run'
+  sigterm_at(monkeypatch, 2)
+  with pytest.raises(trainer.Preempted, match='Re-run the same command to continue'):
+    trainer.train(config_for('supervised', overrides(data_dir, total_steps=4)), str(run))
+  assert not (run / checkpointing.COMPLETE).exists()
+  assert checkpointing.read_checkpoint(str(run))[2] == 3  # Saved at the step it stopped.
+  later = finetune_config(data_dir, 'linear', total_steps=2)
+  later.init.workdir = str(run)  # Nothing may start from a run that did not finish.
+  with pytest.raises(checkpointing.IncompleteRunError,
+                     match=r'is a run that has not finished: its latest checkpoint is step 3'):
+    trainer.train(later, str(tmp_path / 'later'))
+  assert not (tmp_path / 'later' / 'checkpoints').exists()
+  monkeypatch.undo()
+  trainer.train(config_for('supervised', overrides(data_dir, total_steps=4)), str(run))
+  assert checkpointing.completed_step(str(run)) == 4
+  # Training on (a longer run) makes it unfinished again until it ends.
+  sigterm_at(monkeypatch, 5)
+  with pytest.raises(trainer.Preempted):
+    trainer.train(config_for('supervised', overrides(data_dir, total_steps=8)), str(run))
+  assert checkpointing.completed_step(str(run)) is None
 
 
 EQUIVALENCE_SCRIPT = '''
