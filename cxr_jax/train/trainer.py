@@ -335,6 +335,7 @@ def train(config, workdir: str) -> State:
   step_fn = jax.jit(make_train_step(network, config, tx), donate_argnums=(0,),
                     out_shardings=(state_sharding, sharding.replicated(mesh)))
   batch_sharding = sharding.batch_sharding(mesh)
+  all_finite = jax.jit(_all_finite)
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
   preemption = _Preemption()
@@ -354,6 +355,18 @@ def train(config, workdir: str) -> State:
         values['learning_rate'] = schedule((step - 1) // accumulate)
         writer.write(step, values)
         progress.show(step, values)
+      if checkpoint_due or (evaluator and best and (step % config.eval.every == 0 or last)):
+        # A step's loss is computed before its update, so finite metrics do not make the
+        # updated state finite; only a finite state may become a checkpoint.
+        if not bool(all_finite(state)):
+          kept = checkpoints.latest_step()
+          raise NonFiniteLossError(
+              f'Non-finite parameters after step {step} (its loss, computed before the '
+              f'update, was {float(step_metrics["loss"]):.4g}). Training stopped and nothing '
+              'was saved for it; ' + (f'the last good checkpoint (step {kept}) is kept.'
+                                      if kept is not None else
+                                      'there is no earlier checkpoint. Lower the learning '
+                                      'rate (or clip gradients) and run again.'))
       if evaluator and (step % config.eval.every == 0 or last):
         _evaluate(evaluator, state, step, writer, best, config)
       if checkpoint_due:
@@ -375,6 +388,14 @@ def train(config, workdir: str) -> State:
   if preemption.requested:  # Also when it came after the last step: the job is stopping.
     raise Preempted(workdir, int(state['step']))
   return state
+
+
+def _all_finite(state: State) -> jax.Array:
+  """Whether every floating-point number of the state (parameters, optimizer and model
+  state) is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _mismatch_message(workdir, config, error) -> str:

@@ -146,6 +146,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     assert all(np.all(np.isfinite(v)) for v in final_params_at(tmp_path, step).values())
 
 
+def test_non_finite_parameters_are_never_saved(data_dir, tmp_path):
+  # The loss of step 1 is computed before its update, so it is finite while the
+  # parameters the update leaves are not (1e39 overflows float32: an exploded rate).
+  config = config_for('supervised', overrides(data_dir, total_steps=3, **{
+      'optimizer.learning_rate': 1e39, 'optimizer.lr_reference_batch': 0,
+      'optimizer.schedule.warmup_steps': 0, 'optimizer.schedule.name': 'constant'}))
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'Non-finite parameters after step 1 .*nothing was saved for it; '
+                     r'there is no earlier checkpoint'):
+    trainer.train(config, str(tmp_path))
+  assert not [s for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  config.optimizer.learning_rate = 0.01  # A sane rate starts afresh and trains.
+  trainer.train(config, str(tmp_path))
+  assert checkpointing.completed_step(str(tmp_path)) == 3
+
+
 def final_params_at(workdir, step):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
