@@ -20,6 +20,7 @@ or an earlier stage's workdir, the optimizer, exact resume from Orbax checkpoint
 """
 
 import functools
+import json
 import os
 import signal
 from typing import Any, Callable, Dict, Tuple
@@ -320,26 +321,30 @@ def train(config, workdir: str) -> State:
         os.path.join(workdir, 'best'), keep=1, best_metric=config.eval.best_metric,
         best_mode='min' if 'loss' in config.eval.best_metric else 'max')
   iterator = iter(data)
-  if checkpoints.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-    try:
-      state = checkpoints.restore(abstract, iterator)
-    except ValueError as e:
-      raise ValueError(_mismatch_message(workdir, config, e)) from None
-    logging.info('Resumed from step %d in %s', int(state['step']), workdir)
-  start = int(state['step'])
-  if start < config.total_steps:  # Training on: the run is not finished until it ends.
-    checkpointing.clear_complete(workdir)
-
-  step_fn = jax.jit(make_train_step(network, config, tx), donate_argnums=(0,),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)))
-  batch_sharding = sharding.batch_sharding(mesh)
-  all_finite = jax.jit(_all_finite)
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
-  preemption = _Preemption()
+  # Everything from here on is closed on every way out, errors included: grain worker
+  # processes, Orbax and TensorBoard threads left to interpreter exit print tracebacks
+  # below the real error.
+  writer, preemption = None, None
   try:
+    if checkpoints.latest_step() is not None:
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+      try:
+        state = checkpoints.restore(abstract, iterator)
+      except ValueError as e:
+        raise ValueError(_mismatch_message(workdir, config, e)) from None
+      logging.info('Resumed from step %d in %s', int(state['step']), workdir)
+    start = int(state['step'])
+    if start < config.total_steps:  # Training on: the run is not finished until it ends.
+      checkpointing.clear_complete(workdir)
+
+    step_fn = jax.jit(make_train_step(network, config, tx), donate_argnums=(0,),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)))
+    batch_sharding = sharding.batch_sharding(mesh)
+    all_finite = jax.jit(_all_finite)
+    writer = metrics_lib.MetricWriter(workdir)
+    progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
+    preemption = _Preemption()
     for step in range(start + 1, config.total_steps + 1):
       batch = pipeline.to_global(next(iterator), batch_sharding)
       state, step_metrics = step_fn(state, batch)
@@ -379,12 +384,15 @@ def train(config, workdir: str) -> State:
     if int(state['step']) == config.total_steps:
       checkpointing.mark_complete(workdir, config.total_steps)
   finally:
-    preemption.restore()
+    if preemption:
+      preemption.restore()
     for manager in (checkpoints, best):
       if manager:
         manager.wait()
         manager.close()
-    writer.close()
+    if writer:
+      writer.close()
+    pipeline.close(iterator)
   if preemption.requested:  # Also when it came after the last step: the job is stopping.
     raise Preempted(workdir, int(state['step']))
   return state
@@ -404,8 +412,11 @@ def _mismatch_message(workdir, config, error) -> str:
     _, saved, step = checkpointing.read_checkpoint(workdir)
     old = flax.traverse_util.flatten_dict(saved.to_dict(), sep='.')
     new = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+    # The saved config went through JSON, which turns tuples into lists.
+    as_saved = lambda v: json.loads(json.dumps(v, default=str))
     changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
-               if str(old.get(k)) != str(new.get(k)) and not k.startswith('data.findings')]
+               if as_saved(old.get(k)) != as_saved(new.get(k))
+               and not k.startswith('data.findings')]
   except Exception:  # pylint: disable=broad-except
     changed, step = [], '?'
   return (f'{workdir} holds a checkpoint (step {step}) of a run this config cannot resume: '

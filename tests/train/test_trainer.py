@@ -430,5 +430,19 @@ def test_resuming_with_an_incompatible_config_names_what_changed(data_dir, tmp_p
   trainer.train(config_for('supervised', overrides(data_dir, total_steps=2)), str(tmp_path))
   config = config_for('supervised', overrides(data_dir, total_steps=4))
   config.optimizer.name = 'adamw'  # Different optimizer state.
-  with pytest.raises(ValueError, match=r"cannot resume.*optimizer.name: 'sgd' -> 'adamw'"):
+  with pytest.raises(ValueError, match=r"cannot resume.*optimizer.name: 'sgd' -> 'adamw'") as e:
     trainer.train(config, str(tmp_path))
+  assert '[] -> ()' not in str(e.value)  # A list saved as JSON is the tuple it was.
+  assert 'step_boundaries' not in str(e.value)
+
+
+def test_an_error_is_the_last_thing_printed(data_dir, tmp_path):
+  # Data workers (processes, threads) must be stopped before exit: their finalizers
+  # used to print tracebacks below the error.
+  flags = overrides(data_dir, 'supcon', total_steps=2, **{'data.workers': 2})
+  trainer.train(config_for('supcon', flags), str(tmp_path / 'run'))
+  process = run_main('supcon', {**flags, 'head.projection_hidden': 64}, tmp_path / 'run')
+  assert process.wait(timeout=600) == 1
+  last = log_of(tmp_path / 'run').strip().splitlines()[-1]
+  assert last.startswith('ValueError: ') and 'head.projection_hidden: 2048 -> 64' in last, (
+      log_of(tmp_path / 'run')[-3000:])
