@@ -32,10 +32,16 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None):
   """A TFDS dataset's split as a random-access source, images left encoded."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cxr_jax.data import builders  # noqa: F401  Registers the project's builders.
+  if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+    # Else TFDS reports the dataset's config as unknown, which sends users looking in
+    # the wrong place.
+    raise FileNotFoundError(f'data_dir {data_dir!r} does not exist (expected the folder the '
+                            f'dataset {name!r} was built into).')
   try:
     builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)
   except Exception as e:  # tfds raises several types for unknown names.
-    raise ValueError(f'Unknown dataset {name!r}: {e}') from None
+    # Its message goes on to list every registered dataset (hundreds of lines).
+    raise ValueError(f'Unknown dataset {name!r}: {str(e).strip().splitlines()[0]}') from None
   if not builder.is_prepared():
     raise FileNotFoundError(
         f'Dataset {name!r} is not prepared in {builder.data_dir}. Build it first: '

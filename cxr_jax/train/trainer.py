@@ -278,6 +278,9 @@ def train(config, workdir: str) -> State:
   if config.trainer == 'finetune' and config.finetune.mode == 'lpft':
     return linear_probe_then_finetune(config, workdir)
   mesh = sharding.make_mesh(config.mesh.fsdp, config.mesh.devices)
+  sharding.check_batch_size(config.batch_size, mesh.devices.size)
+  if config.eval.every and config.eval.batch_size:
+    sharding.check_batch_size(config.eval.batch_size, mesh.devices.size, 'eval.batch_size')
   network = build_network(config)
   data = pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
                                        seed=config.seed, train=True)

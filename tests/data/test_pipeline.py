@@ -166,3 +166,11 @@ def test_batches_become_global_arrays_on_a_mesh():
   result = subprocess.run([sys.executable, '-c', GLOBAL_ARRAYS_SCRIPT.format(tests_dir=tests_dir)],
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
+
+
+def test_a_missing_data_dir_and_an_unknown_name_are_said_plainly(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"data_dir '.*/nowhere' does not exist"):
+    pipeline.open_source('synthetic_cxr/site_a_32px', 'train', str(tmp_path / 'nowhere'))
+  with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'") as e:
+    pipeline.open_source('no_such_dataset', 'train', str(tmp_path))
+  assert len(str(e.value).splitlines()) == 1 and len(str(e.value)) < 500, str(e.value)[:2000]

@@ -19,6 +19,7 @@ from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.train import checkpointing
 from cxr_jax.train import evaluator
+from cxr_jax.train import sharding
 from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -406,6 +407,15 @@ def test_frozen_backbone_run_resumes_exactly(data_dir, tmp_path):
   assert flat_a.keys() == flat_b.keys()
   for key in flat_a:
     np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_named():
+  sharding.check_batch_size(16, 8)
+  with pytest.raises(ValueError, match=r'batch_size=12 does not split over the 8 devices of '
+                     r'this run: it must be a multiple of 8 \(e.g. 8 or 16\)'):
+    sharding.check_batch_size(12, 8)
+  with pytest.raises(ValueError, match=r'eval.batch_size=3 .* multiple of 4 \(e.g. 4\)'):
+    sharding.check_batch_size(3, 4, 'eval.batch_size')
 
 
 def test_head_bias_init(data_dir):
