@@ -345,7 +345,7 @@ def train(config, workdir: str) -> State:
                       out_shardings=(state_sharding, sharding.replicated(mesh)))
     batch_sharding = sharding.batch_sharding(mesh)
     all_finite = jax.jit(_all_finite)
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, start_step=start)
     progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
     preemption = _Preemption()
     for step in range(start + 1, config.total_steps + 1):
