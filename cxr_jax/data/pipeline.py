@@ -14,7 +14,7 @@ integer `label`.
 import dataclasses
 import hashlib
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
 import grain.python as grain
@@ -80,6 +80,53 @@ class Subset:
     return f'Subset({self.source!r}, {len(self)} records, indices sha1 {digest})'
 
 
+class RecordError(ValueError):
+  """A record that could not be read or preprocessed, named."""
+
+
+# The key NamedSource adds to each record for Preprocess to name it by; popped there.
+WHERE_KEY = '_where'
+
+
+class NamedSource:
+  """A TFDS split's records; one that cannot be read, or whose preprocessing fails, is
+  named by dataset, split, file, record index and (when stored) image id.
+
+  files: (filename, skip, take) of the split's shards in order, as TFDS's
+  file_instructions give them.
+  """
+
+  def __init__(self, source, name: str, split: str, files: Sequence[Tuple[str, int, int]]):
+    self.source, self.name, self.split = source, name, split
+    self.files = [(os.path.basename(f), int(skip), int(take)) for f, skip, take in files]
+    self._ends = np.cumsum([take for _, _, take in self.files])
+
+  def __len__(self):
+    return len(self.source)
+
+  def __repr__(self):  # Unchanged, so that checkpoints of earlier runs still restore.
+    return repr(self.source)
+
+  def where(self, index: int, image_id=None) -> str:
+    text = f'dataset {self.name!r}, split {self.split!r}, record {index}'
+    shard = int(np.searchsorted(self._ends, index, side='right'))
+    if shard < len(self.files):
+      filename, skip, take = self.files[shard]
+      text += f' (file {filename}, its record {skip + index - (self._ends[shard] - take)})'
+    if image_id is not None:
+      text += f', image id {image_id.decode() if isinstance(image_id, bytes) else image_id}'
+    return text
+
+  def __getitem__(self, index):
+    try:
+      record = self.source[index]
+    except Exception as e:  # pylint: disable=broad-except  Readers raise assorted types.
+      raise RecordError(f'Cannot read {self.where(index)}: {type(e).__name__}: {e}') from e
+    if isinstance(record, dict):
+      record = {**record, WHERE_KEY: self.where(index, record.get('image_id'))}
+    return record
+
+
 def findings_of(info) -> Sequence[str]:
   """Label names stored by the project's CXR builders (empty for other datasets)."""
   return tuple((info.metadata or {}).get('findings', ())) if info is not None else ()
@@ -111,7 +158,14 @@ class Preprocess(grain.RandomMapTransform):
     self.pp = transforms.Preprocess(pp)
 
   def random_map(self, element, rng: np.random.Generator):
-    return self.pp(element, rng)
+    if WHERE_KEY not in element:
+      return self.pp(element, rng)
+    element = dict(element)
+    where = element.pop(WHERE_KEY)
+    try:
+      return self.pp(element, rng)
+    except Exception as e:  # pylint: disable=broad-except  Any op can meet a bad record.
+      raise RecordError(f'Preprocessing {where} failed: {type(e).__name__}: {e}') from e
 
 
 class BatchPreprocess(grain.RandomMapTransform):
@@ -209,8 +263,10 @@ def make_pipeline(source, *, pp: str, batch_size: int, seed: int, shuffle: bool 
 def pipeline_from_config(data_config, *, batch_size: int, seed: int, train: bool,
                          split: Optional[str] = None, **kwargs) -> Pipeline:
   """The pipeline a recipe's `config.data` (or an evaluator's data section) describes."""
-  source, info = open_source(data_config.name, split or data_config.split,
-                             data_config.get('data_dir'))
+  split = split or data_config.split
+  source, info = open_source(data_config.name, split, data_config.get('data_dir'))
+  source = NamedSource(source, data_config.name, split, [
+      (f.filename, f.skip, f.take) for f in info.splits[split].file_instructions])
   if train and data_config.get('records'):
     source = Subset(source, data_config.records)
   return make_pipeline(

@@ -174,3 +174,36 @@ def test_a_missing_data_dir_and_an_unknown_name_are_said_plainly(tmp_path):
   with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'") as e:
     pipeline.open_source('no_such_dataset', 'train', str(tmp_path))
   assert len(str(e.value).splitlines()) == 1 and len(str(e.value)) < 500, str(e.value)[:2000]
+
+
+class CorruptSource(PngSource):
+  """Record 25 fails to read, as a damaged ArrayRecord chunk does; record 7's image
+  bytes are no image."""
+
+  def __init__(self):
+    super().__init__()
+    self.records[7] = dict(self.records[7], image=b'not an image')
+
+  def __getitem__(self, index):
+    if index == 25:
+      raise RuntimeError('Corrupted Riegeli/records file: chunk data hash mismatch')
+    return super().__getitem__(index)
+
+
+def test_a_bad_record_is_named_by_dataset_split_file_index_and_image_id():
+  files = [('/d/ds-train.array_record-00000-of-00002', 0, 20),
+           ('/d/ds-train.array_record-00001-of-00002', 0, 20)]
+  named = pipeline.NamedSource(CorruptSource(), 'ds/config', 'train', files)
+  assert repr(named) == repr(PngSource())  # Earlier checkpoints still restore.
+  with pytest.raises(pipeline.RecordError, match=(
+      r"Cannot read dataset 'ds/config', split 'train', record 25 \(file "
+      r"ds-train.array_record-00001-of-00002, its record 5\): RuntimeError: Corrupted Riegeli")):
+    named[25]
+  loader = make(pipeline.Subset(named, [7]), batch_size=1)
+  with pytest.raises(Exception, match=(
+      r"Preprocessing dataset 'ds/config', split 'train', record 7 \(file "
+      r"ds-train.array_record-00000-of-00002, its record 7\), image id img7 failed: "
+      r"ValueError: image bytes could not be decoded")):
+    next(iter(loader))
+  batch = next(iter(make(pipeline.Subset(named, [8]), batch_size=1)))
+  assert pipeline.WHERE_KEY not in batch  # Used for naming only, never batched.
