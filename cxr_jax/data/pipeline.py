@@ -13,7 +13,10 @@ integer `label`.
 
 import dataclasses
 import hashlib
+import multiprocessing
 import os
+import threading
+import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
@@ -153,9 +156,41 @@ class ApplyLabelPolicy(grain.MapTransform):
     return element
 
 
+_WATCHING_PARENT = False
+
+
+def _exit_with_parent() -> None:
+  """In a grain worker process: exit as soon as the process that started it is gone.
+
+  Killed outright (SIGKILL, the OOM killer), a trainer cannot stop its workers; they
+  would live on, reparented to init, holding memory and CPU. multiprocessing has no
+  option for this, and Linux's PR_SET_PDEATHSIG follows the thread that started the
+  worker, which in grain is not the main one; a parent that changed is unambiguous.
+  """
+  global _WATCHING_PARENT
+  if _WATCHING_PARENT or multiprocessing.parent_process() is None:
+    return
+  _WATCHING_PARENT = True
+  # The parent's pid from multiprocessing, not getppid(): a worker still starting up
+  # when the parent died is already an orphan here.
+  parent = multiprocessing.parent_process().pid
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access  Nothing left to clean up for.
+
+  threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
+
+
 class Preprocess(grain.RandomMapTransform):
   def __init__(self, pp: str):
     self.pp = transforms.Preprocess(pp)
+
+  def __setstate__(self, state):
+    # Unpickled in each grain worker, which is where the watch must run.
+    self.__dict__.update(state)
+    _exit_with_parent()
 
   def random_map(self, element, rng: np.random.Generator):
     if WHERE_KEY not in element:

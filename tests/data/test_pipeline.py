@@ -1,5 +1,10 @@
 """The grain pipeline over a random-access source: determinism, sharding, exact resume."""
 
+import os
+import subprocess
+import sys
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -207,3 +212,44 @@ def test_a_bad_record_is_named_by_dataset_split_file_index_and_image_id():
     next(iter(loader))
   batch = next(iter(make(pipeline.Subset(named, [8]), batch_size=1)))
   assert pipeline.WHERE_KEY not in batch  # Used for naming only, never batched.
+
+
+ORPHAN_SCRIPT = '''
+import sys, time
+sys.path.insert(0, {tests_dir!r})
+from test_pipeline import make
+iterator = iter(make(workers=2))
+next(iterator)
+print('ready', flush=True)
+time.sleep(600)
+'''
+
+
+def test_data_workers_exit_when_their_parent_is_killed():
+  import psutil  # pylint: disable=g-import-not-at-top
+  script = ORPHAN_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
+  parent = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  try:
+    assert parent.stdout.readline().strip() == 'ready'
+    children = psutil.Process(parent.pid).children(recursive=True)
+    assert len(children) >= 2  # The workers (and multiprocessing's resource tracker).
+  finally:
+    parent.kill()
+    parent.wait()
+
+
+  def running(process):  # An exited orphan may stay a zombie where init does not reap.
+    try:
+      return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+      return False
+
+  deadline = time.time() + 30  # A worker may still be starting (importing) on a busy host.
+  while time.time() < deadline and any(map(running, children)):
+    time.sleep(0.2)
+  alive = [p for p in children if running(p)]
+  names = [' '.join(p.cmdline()[-2:]) for p in alive]
+  for process in alive:
+    process.kill()
+  assert not alive, names
