@@ -65,6 +65,7 @@ import numpy as np
 from cxr_jax import cli
 from cxr_jax import export
 from cxr_jax import inference
+from cxr_jax import npz_files
 from cxr_jax.data import images as images_lib
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.train import metrics as metrics_lib
@@ -610,11 +611,7 @@ def _shard_files(directory: str) -> List[str]:
 
 
 def _read_file(path: str) -> Dict[str, np.ndarray]:
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-  except (OSError, ValueError, EOFError) as e:
-    raise ValueError(f'{path}: not a readable .npz file ({e}).') from None
+  arrays = npz_files.read(path, 'embeddings .npz file')
   missing = [k for k in REQUIRED_KEYS if k not in arrays]
   if missing:
     raise KeyError(f'{path}: embeddings file has no {missing}; it has {sorted(arrays)}.')

@@ -147,9 +147,12 @@ def require_complete(workdir: str, field: str) -> None:
   directory = os.path.join(workdir, 'checkpoints')
   steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
       directory) else []
-  where = f'its latest checkpoint is step {steps[-1]}' if steps else 'it has no checkpoint'
+  if not steps:
+    raise FileNotFoundError(f'{field}={workdir!r}: No checkpoint in {workdir} (is it a '
+                            'training run, and has it started?).')
   raise IncompleteRunError(
-      f'{field}={workdir!r} is a run that has not finished: {where} and it has no '
+      f'{field}={workdir!r} is a run that has not finished: its latest checkpoint is step '
+      f'{steps[-1]} and it has no '
       f'{COMPLETE}, which a run writes only when it completes its last step (it was '
       'preempted or killed part-way, or is still running). Re-run its command to finish it '
       'first (re-running resumes it); a chain or LP-FT run does this when re-run.')
