@@ -65,6 +65,7 @@ import numpy as np
 from cxr_jax import cli
 from cxr_jax import export
 from cxr_jax import inference
+from cxr_jax import npz_files
 from cxr_jax.data import images as images_lib
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.train import metrics as metrics_lib
@@ -399,13 +400,41 @@ def _is_complete(shard: _Shard, spec: str) -> bool:
   return rows == shard.stop - shard.start
 
 
+_TEMPORARY = re.compile(r'^(?P<target>.+)\.tmp-(?P<pid>\d+)$')
+
+
 def _write_atomically(path: str, arrays: Dict[str, np.ndarray]) -> None:
+  """Writes `path` whole or not at all; a failed write (a full disk) leaves nothing."""
   temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'wb') as f:
-    np.savez(f, **arrays)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, path)
+  try:
+    with open(temporary, 'wb') as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except OSError as e:
+    raise OSError(e.errno, f'Writing {path} failed: {e.strerror or e}. Nothing of it was '
+                  'left behind; files already written are kept, and re-running the same '
+                  'command continues from them.') from e
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+  """Removes the partial files of writers that died (kill -9) before cleaning up."""
+  for name in os.listdir(directory):
+    match = _TEMPORARY.match(name)
+    if not match or not match['target'].endswith('.npz'):
+      continue
+    try:
+      os.kill(int(match['pid']), 0)  # Signal 0 only asks whether the process exists.
+      continue  # A live process is still writing it.
+    except ProcessLookupError:
+      pass
+    except PermissionError:  # Someone else's live process.
+      continue
+    os.remove(os.path.join(directory, name))
 
 
 class _Progress:
@@ -470,6 +499,7 @@ def embed_dataset(model: Union[str, Embedder], source: Union[str, Source], outpu
                      'num_examples': len(source)}, sort_keys=True)
   shards = _plan(output, len(source), shard_size)
   os.makedirs(os.path.dirname(os.path.abspath(shards[0].path)), exist_ok=True)
+  _remove_stale_temporaries(os.path.dirname(os.path.abspath(shards[0].path)))
   todo = [s for s in shards if not _is_complete(s, spec)]
   if len(todo) < len(shards):
     print(f'{len(shards) - len(todo)} of {len(shards)} embedding files already complete in '
@@ -581,11 +611,7 @@ def _shard_files(directory: str) -> List[str]:
 
 
 def _read_file(path: str) -> Dict[str, np.ndarray]:
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-  except (OSError, ValueError, EOFError) as e:
-    raise ValueError(f'{path}: not a readable .npz file ({e}).') from None
+  arrays = npz_files.read(path, 'embeddings .npz file')
   missing = [k for k in REQUIRED_KEYS if k not in arrays]
   if missing:
     raise KeyError(f'{path}: embeddings file has no {missing}; it has {sorted(arrays)}.')

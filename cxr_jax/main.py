@@ -4,6 +4,11 @@ The config file's `get_config(arg)` returns a locked ConfigDict; `--config.key=v
 overrides any field, and an unknown key is an error naming the valid ones.
 `config.trainer` picks what runs. The resolved config is written to
 `DIR/config.json` before anything else, so every run records what it did.
+
+Exit status: 0 when the run (every stage of a chain) finished; EXIT_PREEMPTED (75,
+sysexits' EX_TEMPFAIL: "try again") when SIGTERM stopped it after saving, so that a
+scheduler or script can tell the two apart and re-run the command, which continues where
+it stopped; 1 on an error.
 """
 
 import importlib.util
@@ -16,6 +21,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from cxr_jax import train
+from cxr_jax.train import trainer
+
+EXIT_PREEMPTED = 75
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Recipe file whose get_config(arg) returns a ConfigDict; '
@@ -43,7 +51,12 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   logging.info('Resolved config written to %s', write_config(config, workdir))
-  train.TRAINERS.get(config.trainer)(config, workdir)
+  try:
+    train.TRAINERS.get(config.trainer)(config, workdir)
+  except trainer.Preempted as e:
+    print(f'{e}\nExit status {EXIT_PREEMPTED}: preempted, re-run to continue.',
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _load_config(spec: str):

@@ -73,6 +73,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from cxr_jax import npz_files
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.eval import efficiency
 from cxr_jax.eval import metrics
@@ -228,11 +229,7 @@ class Probe:
 
 def load(path: str) -> Probe:
   """Reads a probe written by `Probe.save`; errors name the file and what is wrong."""
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      arrays = {key: data[key] for key in data.files}
-  except (OSError, ValueError) as error:
-    raise ValueError(f'{path}: not a probe file readable by numpy ({error}).') from error
+  arrays = npz_files.read(path, 'probe file')
   required = ('kind', 'findings', 'config', 'mean', 'scale', 'format_version')
   missing = [key for key in required if key not in arrays]
   if missing:

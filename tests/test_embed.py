@@ -318,3 +318,27 @@ def test_image_text_run_embeds_images_and_texts(setup, tmp_path_factory, tmp_pat
   with pytest.raises(app.UsageError, match='--data .images. or --texts, not both'):
     embed.main(['embed', '--model', run['export'], '--texts', str(lines), '--data',
                 setup['folder'], '--output', from_export])
+
+
+def test_a_full_disk_leaves_nothing_behind_and_names_the_file(tmp_path, monkeypatch):
+  path = str(tmp_path / embed.shard_name(2, 4))
+
+  def savez_until_full(f, **arrays):
+    f.write(b'x' * 1000)  # Part of the file, then the disk is full.
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(np, 'savez', savez_until_full)
+  with pytest.raises(OSError, match=r'Writing .*embeddings-00002-of-00004.npz failed: No space '
+                     r'left on device') as e:
+    embed._write_atomically(path, {'embedding': np.zeros((2, 3), np.float32)})
+  assert e.value.errno == 28
+  assert os.listdir(tmp_path) == []
+  monkeypatch.undo()
+  # A partial file of a writer killed outright is removed by the next run; a live
+  # writer's (this process's) is left alone.
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  (tmp_path / f'{embed.shard_name(1, 4)}.tmp-{dead}').write_bytes(b'partial')
+  (tmp_path / f'{embed.shard_name(3, 4)}.tmp-{os.getpid()}').write_bytes(b'partial')
+  embed._remove_stale_temporaries(str(tmp_path))
+  assert os.listdir(tmp_path) == [f'{embed.shard_name(3, 4)}.tmp-{os.getpid()}']

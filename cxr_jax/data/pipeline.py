@@ -13,8 +13,11 @@ integer `label`.
 
 import dataclasses
 import hashlib
+import multiprocessing
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence
+import threading
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
 import grain.python as grain
@@ -32,10 +35,16 @@ def open_source(name: str, split: str, data_dir: Optional[str] = None):
   """A TFDS dataset's split as a random-access source, images left encoded."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cxr_jax.data import builders  # noqa: F401  Registers the project's builders.
+  if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+    # Else TFDS reports the dataset's config as unknown, which sends users looking in
+    # the wrong place.
+    raise FileNotFoundError(f'data_dir {data_dir!r} does not exist (expected the folder the '
+                            f'dataset {name!r} was built into).')
   try:
     builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)
   except Exception as e:  # tfds raises several types for unknown names.
-    raise ValueError(f'Unknown dataset {name!r}: {e}') from None
+    # Its message goes on to list every registered dataset (hundreds of lines).
+    raise ValueError(f'Unknown dataset {name!r}: {str(e).strip().splitlines()[0]}') from None
   if not builder.is_prepared():
     raise FileNotFoundError(
         f'Dataset {name!r} is not prepared in {builder.data_dir}. Build it first: '
@@ -74,6 +83,53 @@ class Subset:
     return f'Subset({self.source!r}, {len(self)} records, indices sha1 {digest})'
 
 
+class RecordError(ValueError):
+  """A record that could not be read or preprocessed, named."""
+
+
+# The key NamedSource adds to each record for Preprocess to name it by; popped there.
+WHERE_KEY = '_where'
+
+
+class NamedSource:
+  """A TFDS split's records; one that cannot be read, or whose preprocessing fails, is
+  named by dataset, split, file, record index and (when stored) image id.
+
+  files: (filename, skip, take) of the split's shards in order, as TFDS's
+  file_instructions give them.
+  """
+
+  def __init__(self, source, name: str, split: str, files: Sequence[Tuple[str, int, int]]):
+    self.source, self.name, self.split = source, name, split
+    self.files = [(os.path.basename(f), int(skip), int(take)) for f, skip, take in files]
+    self._ends = np.cumsum([take for _, _, take in self.files])
+
+  def __len__(self):
+    return len(self.source)
+
+  def __repr__(self):  # Unchanged, so that checkpoints of earlier runs still restore.
+    return repr(self.source)
+
+  def where(self, index: int, image_id=None) -> str:
+    text = f'dataset {self.name!r}, split {self.split!r}, record {index}'
+    shard = int(np.searchsorted(self._ends, index, side='right'))
+    if shard < len(self.files):
+      filename, skip, take = self.files[shard]
+      text += f' (file {filename}, its record {skip + index - (self._ends[shard] - take)})'
+    if image_id is not None:
+      text += f', image id {image_id.decode() if isinstance(image_id, bytes) else image_id}'
+    return text
+
+  def __getitem__(self, index):
+    try:
+      record = self.source[index]
+    except Exception as e:  # pylint: disable=broad-except  Readers raise assorted types.
+      raise RecordError(f'Cannot read {self.where(index)}: {type(e).__name__}: {e}') from e
+    if isinstance(record, dict):
+      record = {**record, WHERE_KEY: self.where(index, record.get('image_id'))}
+    return record
+
+
 def findings_of(info) -> Sequence[str]:
   """Label names stored by the project's CXR builders (empty for other datasets)."""
   return tuple((info.metadata or {}).get('findings', ())) if info is not None else ()
@@ -100,12 +156,51 @@ class ApplyLabelPolicy(grain.MapTransform):
     return element
 
 
+_WATCHING_PARENT = False
+
+
+def _exit_with_parent() -> None:
+  """In a grain worker process: exit as soon as the process that started it is gone.
+
+  Killed outright (SIGKILL, the OOM killer), a trainer cannot stop its workers; they
+  would live on, reparented to init, holding memory and CPU. multiprocessing has no
+  option for this, and Linux's PR_SET_PDEATHSIG follows the thread that started the
+  worker, which in grain is not the main one; a parent that changed is unambiguous.
+  """
+  global _WATCHING_PARENT
+  if _WATCHING_PARENT or multiprocessing.parent_process() is None:
+    return
+  _WATCHING_PARENT = True
+  # The parent's pid from multiprocessing, not getppid(): a worker still starting up
+  # when the parent died is already an orphan here.
+  parent = multiprocessing.parent_process().pid
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access  Nothing left to clean up for.
+
+  threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
+
+
 class Preprocess(grain.RandomMapTransform):
   def __init__(self, pp: str):
     self.pp = transforms.Preprocess(pp)
 
+  def __setstate__(self, state):
+    # Unpickled in each grain worker, which is where the watch must run.
+    self.__dict__.update(state)
+    _exit_with_parent()
+
   def random_map(self, element, rng: np.random.Generator):
-    return self.pp(element, rng)
+    if WHERE_KEY not in element:
+      return self.pp(element, rng)
+    element = dict(element)
+    where = element.pop(WHERE_KEY)
+    try:
+      return self.pp(element, rng)
+    except Exception as e:  # pylint: disable=broad-except  Any op can meet a bad record.
+      raise RecordError(f'Preprocessing {where} failed: {type(e).__name__}: {e}') from e
 
 
 class BatchPreprocess(grain.RandomMapTransform):
@@ -134,6 +229,18 @@ class Pipeline:
 
   def __iter__(self):
     return iter(self.loader)
+
+
+def close(iterator) -> None:
+  """Stops an iterator's worker processes and threads now, not at interpreter exit.
+
+  grain's DataLoaderIterator has no close() of its own; the dataset iterator it wraps
+  does. Left to exit, the workers' finalizers print tracebacks ('handle is closed',
+  leaked shared memory) below whatever error ended the run.
+  """
+  inner = getattr(iterator, '_iterator', None)  # pylint: disable=protected-access
+  if inner is not None and hasattr(inner, 'close'):
+    inner.close()
 
 
 def make_pipeline(source, *, pp: str, batch_size: int, seed: int, shuffle: bool = True,
@@ -191,8 +298,10 @@ def make_pipeline(source, *, pp: str, batch_size: int, seed: int, shuffle: bool 
 def pipeline_from_config(data_config, *, batch_size: int, seed: int, train: bool,
                          split: Optional[str] = None, **kwargs) -> Pipeline:
   """The pipeline a recipe's `config.data` (or an evaluator's data section) describes."""
-  source, info = open_source(data_config.name, split or data_config.split,
-                             data_config.get('data_dir'))
+  split = split or data_config.split
+  source, info = open_source(data_config.name, split, data_config.get('data_dir'))
+  source = NamedSource(source, data_config.name, split, [
+      (f.filename, f.skip, f.take) for f in info.splits[split].file_instructions])
   if train and data_config.get('records'):
     source = Subset(source, data_config.records)
   return make_pipeline(

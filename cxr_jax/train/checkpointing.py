@@ -6,8 +6,15 @@ asynchronous. A run keeps its last `keep` in WORKDIR/checkpoints (for resuming) 
 when it evaluates, the best by the evaluation metric in WORKDIR/best (a second
 Checkpointer with `best_metric`, every save there carrying metrics). The run's config is saved with every step, so a checkpoint
 alone says how to rebuild its network (`read_checkpoint`).
+
+A run that reaches its last step writes WORKDIR/complete.json once that step's
+checkpoint is on disk. That file, never a checkpoint's existence, is what says a run is
+finished: a run stopped part-way (preempted, killed) leaves checkpoints but no record,
+and anything that starts from a run (a later stage, LP-FT's fine-tuning) refuses one
+without it (`require_complete`).
 """
 
+import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -93,3 +100,59 @@ def read_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False
   finally:
     ckpt.close()
   return restored['state'], ml_collections.ConfigDict(restored['config']), step
+
+
+COMPLETE = 'complete.json'
+
+
+class IncompleteRunError(RuntimeError):
+  """An earlier run that something starts from has not finished."""
+
+
+def mark_complete(workdir: str, step: int) -> None:
+  """Records that the run in `workdir` finished at `step` (its checkpoint is written)."""
+  if jax.process_index() == 0:
+    # Written whole or not at all: a half-written record would read as a finished run.
+    tmp = os.path.join(workdir, f'.{COMPLETE}.tmp-{os.getpid()}')
+    try:
+      with open(tmp, 'w') as f:
+        json.dump({'step': int(step)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, os.path.join(workdir, COMPLETE))
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+
+def completed_step(workdir: str) -> Optional[int]:
+  """The step at which the run in `workdir` finished, or None if it has not finished."""
+  path = os.path.join(workdir, COMPLETE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return int(json.load(f)['step'])
+
+
+def clear_complete(workdir: str) -> None:
+  """Forgets the record before a run trains on (a longer total_steps, say)."""
+  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, COMPLETE)):
+    os.remove(os.path.join(workdir, COMPLETE))
+
+
+def require_complete(workdir: str, field: str) -> None:
+  """Raises IncompleteRunError unless the run in `workdir` finished (see COMPLETE)."""
+  if completed_step(workdir) is not None:
+    return
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
+      directory) else []
+  if not steps:
+    raise FileNotFoundError(f'{field}={workdir!r}: No checkpoint in {workdir} (is it a '
+                            'training run, and has it started?).')
+  raise IncompleteRunError(
+      f'{field}={workdir!r} is a run that has not finished: its latest checkpoint is step '
+      f'{steps[-1]} and it has no '
+      f'{COMPLETE}, which a run writes only when it completes its last step (it was '
+      'preempted or killed part-way, or is still running). Re-run its command to finish it '
+      'first (re-running resumes it); a chain or LP-FT run does this when re-run.')

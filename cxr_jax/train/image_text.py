@@ -351,6 +351,7 @@ def initial_variables(network: ImageTextNetwork, config, rng) -> Dict[str, Any]:
               models.load_pretrained(network.backbone, config.init.weights).items()}
   elif config.init.workdir:
     source = config.init.workdir
+    checkpointing.require_complete(config.init.workdir, 'config.init.workdir')
     state, _, _ = checkpointing.read_checkpoint(config.init.workdir)
     parts = ('backbone', 'text', 'head') if 'text' in state['params'] else ('backbone',)
     loaded = {collection: {p: tree[p] for p in parts if p in tree} for collection, tree in

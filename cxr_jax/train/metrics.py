@@ -13,17 +13,24 @@ import numpy as np
 class MetricWriter:
   """Appends {'step': s, **metrics} lines to WORKDIR/metrics.jsonl and TensorBoard.
 
-  Only process 0 writes; a resumed run appends to the same files.
+  Only process 0 writes. A run resumed from its checkpoint at `start_step` appends to the
+  same files, after dropping what it logged past that step before it stopped (it logs
+  those steps again), so that plots and TensorBoard count each step once.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
     self._tensorboard = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      dropped = _truncate_after(path, start_step)
+      self._jsonl = open(path, 'a')
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      # purge_step: TensorBoard drops the earlier files' events from this step on.
+      self._tensorboard = SummaryWriter(
+          os.path.join(workdir, 'tensorboard'),
+          purge_step=start_step + 1 if start_step or dropped else None)
 
   def write(self, step: int, metrics: Dict[str, float]) -> None:
     if not self.active:
@@ -39,6 +46,31 @@ class MetricWriter:
     if self.active:
       self._jsonl.close()
       self._tensorboard.close()
+
+
+def _truncate_after(path: str, step: int) -> bool:
+  """Rewrites the metrics.jsonl at `path` without its lines for steps after `step`;
+  whether there were any."""
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept = []
+  for number, line in enumerate(lines, 1):
+    try:
+      if json.loads(line)['step'] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      if number == len(lines):  # The last line, cut short by the kill that stopped the run.
+        continue
+      raise ValueError(f'{path}, line {number}: not a metrics line ({line[:200]!r}).') from None
+  if len(kept) == len(lines):
+    return False
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(''.join(line + '\n' for line in kept))
+  os.replace(tmp, path)
+  return True
 
 
 class Progress:

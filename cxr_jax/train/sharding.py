@@ -30,6 +30,18 @@ def make_mesh(fsdp: int = 1, num_devices: int = 0) -> Mesh:
   return Mesh(np.array(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
 
 
+def check_batch_size(batch_size: int, devices: int, field: str = 'batch_size') -> None:
+  """Raises ValueError naming `field` unless the batch splits evenly over the `devices`
+  a run's batch is sharded over (jax's own IndivisibleError names neither the setting
+  nor the fix)."""
+  if batch_size <= 0 or batch_size % devices:
+    below = batch_size // devices * devices
+    valid = [size for size in (below, below + devices) if size > 0]
+    raise ValueError(f'{field}={batch_size} does not split over the {devices} devices of '
+                     f'this run: it must be a multiple of {devices} (e.g. '
+                     f'{" or ".join(map(str, valid))}).')
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

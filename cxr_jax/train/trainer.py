@@ -20,6 +20,7 @@ or an earlier stage's workdir, the optimizer, exact resume from Orbax checkpoint
 """
 
 import functools
+import json
 import os
 import signal
 from typing import Any, Callable, Dict, Tuple
@@ -48,6 +49,19 @@ State = Dict[str, Any]
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+class Preempted(Exception):
+  """SIGTERM stopped a run after saving a checkpoint; re-running its command continues it.
+
+  An exception rather than a return, so that nothing that runs after a run (a chain's
+  next stage, LP-FT's fine-tuning, a study's evaluation) goes on from a partial one.
+  """
+
+  def __init__(self, workdir: str, step: int):
+    super().__init__(f'Preempted (SIGTERM): the run in {workdir} saved a checkpoint at step '
+                     f'{step} and stopped before finishing. Re-run the same command to continue.')
+    self.workdir, self.step = workdir, step
 
 
 # --- what differs between stages ------------------------------------------------------
@@ -156,6 +170,7 @@ def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
   if config.init.weights:
     loaded = {'backbone': models.load_pretrained(network.backbone, config.init.weights)}
   elif config.init.workdir:
+    checkpointing.require_complete(config.init.workdir, 'config.init.workdir')
     loaded = variables_from_workdir(config.init.workdir, head=config.init.head)
   else:
     return variables
@@ -263,6 +278,9 @@ def train(config, workdir: str) -> State:
   if config.trainer == 'finetune' and config.finetune.mode == 'lpft':
     return linear_probe_then_finetune(config, workdir)
   mesh = sharding.make_mesh(config.mesh.fsdp, config.mesh.devices)
+  sharding.check_batch_size(config.batch_size, mesh.devices.size)
+  if config.eval.every and config.eval.batch_size:
+    sharding.check_batch_size(config.eval.batch_size, mesh.devices.size, 'eval.batch_size')
   network = build_network(config)
   data = pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
                                        seed=config.seed, train=True)
@@ -306,23 +324,30 @@ def train(config, workdir: str) -> State:
         os.path.join(workdir, 'best'), keep=1, best_metric=config.eval.best_metric,
         best_mode='min' if 'loss' in config.eval.best_metric else 'max')
   iterator = iter(data)
-  if checkpoints.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-    try:
-      state = checkpoints.restore(abstract, iterator)
-    except ValueError as e:
-      raise ValueError(_mismatch_message(workdir, config, e)) from None
-    logging.info('Resumed from step %d in %s', int(state['step']), workdir)
-  start = int(state['step'])
-
-  step_fn = jax.jit(make_train_step(network, config, tx), donate_argnums=(0,),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)))
-  batch_sharding = sharding.batch_sharding(mesh)
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
-  preemption = _Preemption()
+  # Everything from here on is closed on every way out, errors included: grain worker
+  # processes, Orbax and TensorBoard threads left to interpreter exit print tracebacks
+  # below the real error.
+  writer, preemption = None, None
   try:
+    if checkpoints.latest_step() is not None:
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+      try:
+        state = checkpoints.restore(abstract, iterator)
+      except ValueError as e:
+        raise ValueError(_mismatch_message(workdir, config, e)) from None
+      logging.info('Resumed from step %d in %s', int(state['step']), workdir)
+    start = int(state['step'])
+    if start < config.total_steps:  # Training on: the run is not finished until it ends.
+      checkpointing.clear_complete(workdir)
+
+    step_fn = jax.jit(make_train_step(network, config, tx), donate_argnums=(0,),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)))
+    batch_sharding = sharding.batch_sharding(mesh)
+    all_finite = jax.jit(_all_finite)
+    writer = metrics_lib.MetricWriter(workdir, start_step=start)
+    progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
+    preemption = _Preemption()
     for step in range(start + 1, config.total_steps + 1):
       batch = pipeline.to_global(next(iterator), batch_sharding)
       state, step_metrics = step_fn(state, batch)
@@ -338,6 +363,18 @@ def train(config, workdir: str) -> State:
         values['learning_rate'] = schedule((step - 1) // accumulate)
         writer.write(step, values)
         progress.show(step, values)
+      if checkpoint_due or (evaluator and best and (step % config.eval.every == 0 or last)):
+        # A step's loss is computed before its update, so finite metrics do not make the
+        # updated state finite; only a finite state may become a checkpoint.
+        if not bool(all_finite(state)):
+          kept = checkpoints.latest_step()
+          raise NonFiniteLossError(
+              f'Non-finite parameters after step {step} (its loss, computed before the '
+              f'update, was {float(step_metrics["loss"]):.4g}). Training stopped and nothing '
+              'was saved for it; ' + (f'the last good checkpoint (step {kept}) is kept.'
+                                      if kept is not None else
+                                      'there is no earlier checkpoint. Lower the learning '
+                                      'rate (or clip gradients) and run again.'))
       if evaluator and (step % config.eval.every == 0 or last):
         _evaluate(evaluator, state, step, writer, best, config)
       if checkpoint_due:
@@ -345,14 +382,31 @@ def train(config, workdir: str) -> State:
       if preempted:
         logging.warning('SIGTERM: saved a checkpoint at step %d; exiting.', step)
         break
+    # Recorded only once the last checkpoint is on disk (saves are asynchronous).
+    checkpoints.wait()
+    if int(state['step']) == config.total_steps:
+      checkpointing.mark_complete(workdir, config.total_steps)
   finally:
-    preemption.restore()
+    if preemption:
+      preemption.restore()
     for manager in (checkpoints, best):
       if manager:
         manager.wait()
         manager.close()
-    writer.close()
+    if writer:
+      writer.close()
+    pipeline.close(iterator)
+  if preemption.requested:  # Also when it came after the last step: the job is stopping.
+    raise Preempted(workdir, int(state['step']))
   return state
+
+
+def _all_finite(state: State) -> jax.Array:
+  """Whether every floating-point number of the state (parameters, optimizer and model
+  state) is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _mismatch_message(workdir, config, error) -> str:
@@ -361,8 +415,11 @@ def _mismatch_message(workdir, config, error) -> str:
     _, saved, step = checkpointing.read_checkpoint(workdir)
     old = flax.traverse_util.flatten_dict(saved.to_dict(), sep='.')
     new = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+    # The saved config went through JSON, which turns tuples into lists.
+    as_saved = lambda v: json.loads(json.dumps(v, default=str))
     changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
-               if str(old.get(k)) != str(new.get(k)) and not k.startswith('data.findings')]
+               if as_saved(old.get(k)) != as_saved(new.get(k))
+               and not k.startswith('data.findings')]
   except Exception:  # pylint: disable=broad-except
     changed, step = [], '?'
   return (f'{workdir} holds a checkpoint (step {step}) of a run this config cannot resume: '

@@ -350,16 +350,20 @@ def test_nih_binary_labels_metadata_and_patient_splits(tmp_path):
 def test_nih_bad_records(tmp_path):
   a = nih_patients()[0]
   extra = [(f'{a:08d}_002.png', 'Cardiomegaly|Pneumonitis', 2, a, '58', 'M', 'PA', 'train_val'),
-           (f'{a:08d}_003.png', '_missing', 3, a, '58', 'M', 'PA', 'train_val')]
+           (f'{a:08d}_003.png', '_missing', 3, a, '58', 'M', 'PA', 'train_val'),
+           (f'{a:08d}_004.png', 'No Finding', 4, a, '58', 'M', 'PA', 'unlisted')]
   manual = make_nih(tmp_path / 'nih', extra_rows=extra)
   with pytest.raises(base.RecordError, match="Pneumonitis"):
     build('nih_cxr14', tmp_path / 'tfds', manual)
   builder = build('nih_cxr14', tmp_path / 'tfds', manual, on_error='skip')
-  reasons = [item['reason'] for item in reopened(builder).info.metadata['skipped']['train']]
-  assert len(reasons) == 2
+  skipped = reopened(builder).info.metadata['skipped']
+  reasons = [item['reason'] for item in skipped['train']]
+  assert len(reasons) == 3 and not skipped.get('validation') and not skipped.get('test')
   assert 'Data_Entry_2017.csv line 8' in reasons[0]
   assert "unknown finding(s) ['Pneumonitis']" in reasons[0]
   assert f'{a:08d}_003.png: file not found' in reasons[1]
+  assert reasons[2].endswith(f'line 10 ({a:08d}_004.png): listed in neither '
+                             'train_val_list.txt nor test_list.txt, so it has no split.')
 
 
 def test_nih_google_expert_labels(tmp_path):

@@ -1,5 +1,10 @@
 """The grain pipeline over a random-access source: determinism, sharding, exact resume."""
 
+import os
+import subprocess
+import sys
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -166,3 +171,85 @@ def test_batches_become_global_arrays_on_a_mesh():
   result = subprocess.run([sys.executable, '-c', GLOBAL_ARRAYS_SCRIPT.format(tests_dir=tests_dir)],
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
+
+
+def test_a_missing_data_dir_and_an_unknown_name_are_said_plainly(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"data_dir '.*/nowhere' does not exist"):
+    pipeline.open_source('synthetic_cxr/site_a_32px', 'train', str(tmp_path / 'nowhere'))
+  with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset'") as e:
+    pipeline.open_source('no_such_dataset', 'train', str(tmp_path))
+  assert len(str(e.value).splitlines()) == 1 and len(str(e.value)) < 500, str(e.value)[:2000]
+
+
+class CorruptSource(PngSource):
+  """Record 25 fails to read, as a damaged ArrayRecord chunk does; record 7's image
+  bytes are no image."""
+
+  def __init__(self):
+    super().__init__()
+    self.records[7] = dict(self.records[7], image=b'not an image')
+
+  def __getitem__(self, index):
+    if index == 25:
+      raise RuntimeError('Corrupted Riegeli/records file: chunk data hash mismatch')
+    return super().__getitem__(index)
+
+
+def test_a_bad_record_is_named_by_dataset_split_file_index_and_image_id():
+  files = [('/d/ds-train.array_record-00000-of-00002', 0, 20),
+           ('/d/ds-train.array_record-00001-of-00002', 0, 20)]
+  named = pipeline.NamedSource(CorruptSource(), 'ds/config', 'train', files)
+  assert repr(named) == repr(PngSource())  # Earlier checkpoints still restore.
+  with pytest.raises(pipeline.RecordError, match=(
+      r"Cannot read dataset 'ds/config', split 'train', record 25 \(file "
+      r"ds-train.array_record-00001-of-00002, its record 5\): RuntimeError: Corrupted Riegeli")):
+    named[25]
+  loader = make(pipeline.Subset(named, [7]), batch_size=1)
+  with pytest.raises(Exception, match=(
+      r"Preprocessing dataset 'ds/config', split 'train', record 7 \(file "
+      r"ds-train.array_record-00000-of-00002, its record 7\), image id img7 failed: "
+      r"ValueError: image bytes could not be decoded")):
+    next(iter(loader))
+  batch = next(iter(make(pipeline.Subset(named, [8]), batch_size=1)))
+  assert pipeline.WHERE_KEY not in batch  # Used for naming only, never batched.
+
+
+ORPHAN_SCRIPT = '''
+import sys, time
+sys.path.insert(0, {tests_dir!r})
+from test_pipeline import make
+iterator = iter(make(workers=2))
+next(iterator)
+print('ready', flush=True)
+time.sleep(600)
+'''
+
+
+def test_data_workers_exit_when_their_parent_is_killed():
+  import psutil  # pylint: disable=g-import-not-at-top
+  script = ORPHAN_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
+  parent = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  try:
+    assert parent.stdout.readline().strip() == 'ready'
+    children = psutil.Process(parent.pid).children(recursive=True)
+    assert len(children) >= 2  # The workers (and multiprocessing's resource tracker).
+  finally:
+    parent.kill()
+    parent.wait()
+
+
+  def running(process):  # An exited orphan may stay a zombie where init does not reap.
+    try:
+      return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+      return False
+
+  deadline = time.time() + 30  # A worker may still be starting (importing) on a busy host.
+  while time.time() < deadline and any(map(running, children)):
+    time.sleep(0.2)
+  alive = [p for p in children if running(p)]
+  names = [' '.join(p.cmdline()[-2:]) for p in alive]
+  for process in alive:
+    process.kill()
+  assert not alive, names

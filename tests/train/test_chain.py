@@ -3,13 +3,22 @@ computed from them too), the tokenizer stage, and bad chains named."""
 
 import importlib.util
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
+import flax
 import ml_collections
+import numpy as np
 import pytest
 
+from cxr_jax import main
 from cxr_jax import train
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import chain
+from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
 
@@ -122,3 +131,94 @@ def test_pretraining_comparison_trains_the_tokenizer_its_image_text_stage_reads(
   tokenizer = chain.resolve(config.stages.tokenizer, references, directories=order)
   # The tokenizer reads the reports image_text pretrains on.
   assert tokenizer.data.name == text.data.name and tokenizer.data.data_dir == '/d'
+
+
+# A chain of two tiny stages, the second LP-FT from the first, for `python -m cxr_jax.main`.
+FAULT_RECIPE = '''
+import ml_collections
+from cxr_jax.train import config_lib
+
+def get_config(data_dir):
+  def stage(trainer, steps):
+    c = config_lib.base_config()
+    c.trainer, c.total_steps, c.batch_size, c.log_every = trainer, steps, 8, 1
+    c.checkpoint.every, c.init_image_size, c.head.num_classes = 1, 28, 4
+    c.data.name, c.data.data_dir = '@natural', '@data_dir'
+    c.data.pp = 'decode|random_crop(28)|flip_lr|value_range(-1, 1)'
+    c.optimizer.schedule.warmup_steps = 1
+    return c
+  generic, ft = stage('supervised', 6), stage('finetune', 3)
+  ft.finetune.mode, ft.finetune.lp_steps, ft.init.workdir = 'lpft', 3, '@generic'
+  return ml_collections.ConfigDict({
+      'trainer': 'chain', 'data_dir': data_dir, 'order': ('generic', 'ft'),
+      'synthetic': {'natural': {'kind': 'natural', 'args': {
+          'num_classes': 4, 'image_size': 32, 'num_train': 64, 'num_test': 16}}},
+      'stages': {'generic': generic, 'ft': ft}})
+'''
+# Where each run's metrics go, in the order they train: the chain's first stage, then
+# LP-FT's probe and its fine-tuning.
+PHASES = {'generic': 6, 'ft/linear_probe': 3, 'ft': 3}
+
+
+def _all_params(workdir):
+  out = {}
+  for phase in PHASES:
+    state, _, _ = checkpointing.read_checkpoint(os.path.join(workdir, phase))
+    for key, value in flax.traverse_util.flatten_dict(state['params']).items():
+      out[(phase, *key)] = np.asarray(value)
+  return out
+
+
+def _start(recipe, data_dir, workdir):
+  log = open(f'{workdir}.log', 'a')  # A file, not a pipe: a full pipe would block the run.
+  return subprocess.Popen(
+      [sys.executable, '-m', 'cxr_jax.main', '--config', f'{recipe}:{data_dir}',
+       '--workdir', str(workdir)], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      stdout=log, stderr=subprocess.STDOUT)
+
+
+def _steps_logged(workdir, phase):
+  path = os.path.join(workdir, phase, 'metrics.jsonl')
+  return len(open(path).read().splitlines()) if os.path.exists(path) else 0
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_anywhere_in_a_chain_and_lpft_change_nothing(tmp_path):
+  recipe = tmp_path / 'recipe.py'
+  recipe.write_text(FAULT_RECIPE)
+  data_dir = tmp_path / 'tfds'
+  straight = _start(recipe, data_dir, tmp_path / 'straight')
+  assert straight.wait(timeout=900) == 0, (tmp_path / 'straight.log').read_text()[-3000:]
+
+  workdir = tmp_path / 'interrupted'
+  rng = random.Random(17)
+  # One fault in each run of the two stages, at a seeded random step of it.
+  faults = [(signal.SIGTERM, 'generic'), (signal.SIGTERM, 'ft/linear_probe'),
+            (signal.SIGKILL, 'ft')]
+  for sig, phase in faults:
+    at = _steps_logged(workdir, phase) + 1 + rng.randrange(PHASES[phase] - 1)
+    process = _start(recipe, data_dir, workdir)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None and _steps_logged(
+        workdir, phase) < at:
+      time.sleep(0.02)
+    assert process.poll() is None, (tmp_path / 'interrupted.log').read_text()[-3000:]
+    process.send_signal(sig)
+    code = process.wait(timeout=300)
+    log = (tmp_path / 'interrupted.log').read_text()
+    if sig == signal.SIGTERM:
+      assert code == main.EXIT_PREEMPTED, log[-3000:]
+      assert log.strip().splitlines()[-1].endswith('preempted, re-run to continue.'), log[-3000:]
+      # Nothing after the stopped run started: the chain's next stage, LP-FT's fine-tuning.
+      later = list(PHASES)[list(PHASES).index(phase) + 1]
+      assert not os.path.exists(os.path.join(workdir, later, 'checkpoints')), later
+      # Recorded as complete exactly when it had reached its last step when it stopped.
+      stopped_at = checkpointing.read_checkpoint(os.path.join(workdir, phase))[2]
+      assert (checkpointing.completed_step(os.path.join(workdir, phase)) == stopped_at) == (
+          stopped_at == PHASES[phase]), (phase, stopped_at)
+  finished = _start(recipe, data_dir, workdir)
+  assert finished.wait(timeout=900) == 0, (tmp_path / 'interrupted.log').read_text()[-3000:]
+  a, b = _all_params(tmp_path / 'straight'), _all_params(workdir)
+  assert a.keys() == b.keys()
+  for key in a:  # Bitwise: the same programs on the same data in the same order.
+    np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))

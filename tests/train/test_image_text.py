@@ -236,7 +236,8 @@ def test_tokenize_op_feeds_the_batch(data_dir, tokenizer_path):
 
 
 def save_run(workdir, params, config, data_dir):
-  """A checkpoint laid out as the training loop writes it (state, data position, config)."""
+  """A finished run laid out as the training loop writes it (state, data position, config,
+  and the record that it completed)."""
   source, _ = pipeline.open_source(DATA, 'train', data_dir)
   iterator = iter(pipeline.make_pipeline(source, pp='decode', batch_size=4, seed=0))
   state = {'step': np.int32(1), 'params': params, 'opt_state': {}, 'model_state': {},
@@ -244,6 +245,7 @@ def save_run(workdir, params, config, data_dir):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), asynchronous=False)
   ckpt.save(1, state, iterator, config=config, force=True)
   ckpt.close()
+  checkpointing.mark_complete(workdir, 1)
 
 
 def flat(tree):

@@ -14,10 +14,12 @@ import jax
 import numpy as np
 import pytest
 
+from cxr_jax import main
 from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.train import checkpointing
 from cxr_jax.train import evaluator
+from cxr_jax.train import sharding
 from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -145,6 +147,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     assert all(np.all(np.isfinite(v)) for v in final_params_at(tmp_path, step).values())
 
 
+def test_non_finite_parameters_are_never_saved(data_dir, tmp_path):
+  # The loss of step 1 is computed before its update, so it is finite while the
+  # parameters the update leaves are not (1e39 overflows float32: an exploded rate).
+  config = config_for('supervised', overrides(data_dir, total_steps=3, **{
+      'optimizer.learning_rate': 1e39, 'optimizer.lr_reference_batch': 0,
+      'optimizer.schedule.warmup_steps': 0, 'optimizer.schedule.name': 'constant'}))
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'Non-finite parameters after step 1 .*nothing was saved for it; '
+                     r'there is no earlier checkpoint'):
+    trainer.train(config, str(tmp_path))
+  assert not [s for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  config.optimizer.learning_rate = 0.01  # A sane rate starts afresh and trains.
+  trainer.train(config, str(tmp_path))
+  assert checkpointing.completed_step(str(tmp_path)) == 3
+
+
 def final_params_at(workdir, step):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
@@ -180,7 +198,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(data_dir, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_as_preempted(data_dir, tmp_path):
   flags = overrides(data_dir, total_steps=100000, **{'checkpoint.every': 1000})
   process = run_main('supervised', flags, tmp_path)
   metrics = tmp_path / 'metrics.jsonl'
@@ -188,9 +206,51 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 3):
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=120) == 0, log_of(tmp_path)[-3000:]
+  # Not 0: a scheduler (or a chain) must not take a stopped run for a finished one.
+  assert process.wait(timeout=120) == main.EXIT_PREEMPTED, log_of(tmp_path)[-3000:]
+  last_lines = log_of(tmp_path).strip().splitlines()[-2:]
+  assert 'Re-run the same command to continue' in last_lines[0], last_lines
+  assert last_lines[1] == 'Exit status 75: preempted, re-run to continue.', last_lines
+  assert not (tmp_path / checkpointing.COMPLETE).exists()
   steps = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
   assert steps and max(steps) >= 3 and max(steps) < 1000
+
+
+def sigterm_at(monkeypatch, step):
+  """Sends this process SIGTERM when the run writes the metrics of `step`."""
+  from cxr_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  write = metrics_lib.MetricWriter.write
+
+  def write_then_signal(self, at, values):
+    write(self, at, values)
+    if at == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', write_then_signal)
+
+
+def test_preemption_stops_everything_after_it_and_completion_is_recorded(
+    data_dir, tmp_path, monkeypatch):
+  run = tmp_path / 'run'
+  sigterm_at(monkeypatch, 2)
+  with pytest.raises(trainer.Preempted, match='Re-run the same command to continue'):
+    trainer.train(config_for('supervised', overrides(data_dir, total_steps=4)), str(run))
+  assert not (run / checkpointing.COMPLETE).exists()
+  assert checkpointing.read_checkpoint(str(run))[2] == 3  # Saved at the step it stopped.
+  later = finetune_config(data_dir, 'linear', total_steps=2)
+  later.init.workdir = str(run)  # Nothing may start from a run that did not finish.
+  with pytest.raises(checkpointing.IncompleteRunError,
+                     match=r'is a run that has not finished: its latest checkpoint is step 3'):
+    trainer.train(later, str(tmp_path / 'later'))
+  assert not (tmp_path / 'later' / 'checkpoints').exists()
+  monkeypatch.undo()
+  trainer.train(config_for('supervised', overrides(data_dir, total_steps=4)), str(run))
+  assert checkpointing.completed_step(str(run)) == 4
+  # Training on (a longer run) makes it unfinished again until it ends.
+  sigterm_at(monkeypatch, 5)
+  with pytest.raises(trainer.Preempted):
+    trainer.train(config_for('supervised', overrides(data_dir, total_steps=8)), str(run))
+  assert checkpointing.completed_step(str(run)) is None
 
 
 EQUIVALENCE_SCRIPT = '''
@@ -349,6 +409,15 @@ def test_frozen_backbone_run_resumes_exactly(data_dir, tmp_path):
     np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
 
 
+def test_a_batch_that_does_not_split_over_the_devices_is_named():
+  sharding.check_batch_size(16, 8)
+  with pytest.raises(ValueError, match=r'batch_size=12 does not split over the 8 devices of '
+                     r'this run: it must be a multiple of 8 \(e.g. 8 or 16\)'):
+    sharding.check_batch_size(12, 8)
+  with pytest.raises(ValueError, match=r'eval.batch_size=3 .* multiple of 4 \(e.g. 4\)'):
+    sharding.check_batch_size(3, 4, 'eval.batch_size')
+
+
 def test_head_bias_init(data_dir):
   config = finetune_config(data_dir, 'full', **{'head.bias_init': -2.0})
   variables = trainer.initial_variables(trainer.build_network(config), config,
@@ -371,5 +440,19 @@ def test_resuming_with_an_incompatible_config_names_what_changed(data_dir, tmp_p
   trainer.train(config_for('supervised', overrides(data_dir, total_steps=2)), str(tmp_path))
   config = config_for('supervised', overrides(data_dir, total_steps=4))
   config.optimizer.name = 'adamw'  # Different optimizer state.
-  with pytest.raises(ValueError, match=r"cannot resume.*optimizer.name: 'sgd' -> 'adamw'"):
+  with pytest.raises(ValueError, match=r"cannot resume.*optimizer.name: 'sgd' -> 'adamw'") as e:
     trainer.train(config, str(tmp_path))
+  assert '[] -> ()' not in str(e.value)  # A list saved as JSON is the tuple it was.
+  assert 'step_boundaries' not in str(e.value)
+
+
+def test_an_error_is_the_last_thing_printed(data_dir, tmp_path):
+  # Data workers (processes, threads) must be stopped before exit: their finalizers
+  # used to print tracebacks below the error.
+  flags = overrides(data_dir, 'supcon', total_steps=2, **{'data.workers': 2})
+  trainer.train(config_for('supcon', flags), str(tmp_path / 'run'))
+  process = run_main('supcon', {**flags, 'head.projection_hidden': 64}, tmp_path / 'run')
+  assert process.wait(timeout=600) == 1
+  last = log_of(tmp_path / 'run').strip().splitlines()[-1]
+  assert last.startswith('ValueError: ') and 'head.projection_hidden: 2048 -> 64' in last, (
+      log_of(tmp_path / 'run')[-3000:])

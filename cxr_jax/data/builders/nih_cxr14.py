@@ -181,6 +181,11 @@ class NihCxr14(base.CxrBuilder):
     for line, row in enumerate(rows, start=2):
       name, patient = row[IMAGE].strip(), normalize_patient(row[PATIENT])
       group = official.get(name)
+      if group is None:
+        if split == 'train':  # Reported once (each split reads the table), never dropped.
+          yield base.RecordError(f'{csv_path} line {line} ({name}): listed in neither '
+                                 'train_val_list.txt nor test_list.txt, so it has no split.')
+        continue
       if group == 'train_val':
         if patient in test_patients:
           raise ValueError(f'{csv_path}: patient {patient} has images in both '
