@@ -2,12 +2,14 @@
 
   1. generic  supervised pretraining of a small BiT on `synthetic_natural`;
   2. cxr      SupCon CXR pretraining of that network on `synthetic_cxr` site A, with
-              noisy report-mined labels: positives are images the reports call
+              labels mined from its reports by the project's labeler
+              (cxr_jax/text/labeler.py): positives are images the reports call
               abnormal (or normal) alike, the published CXR network's recipe;
   3. study    on one finding at site B (another scanner, clean labels), whose own label
               no pretraining stage used: linear and MLP probes on the generic and the
               CXR embeddings, full fine-tuning and LP-FT from the CXR network, and
-              training from scratch, at 10, 45, 100 and 500 labels; SavedModel export of
+              training from scratch, at 10, 45, 100 and 500 labels, beside a linear
+              probe on the raw pixels (the baseline to beat); SavedModel export of
               the CXR network; and WORKDIR/study/report.md with the AUROC table, the
               data-efficiency plot, t-SNE maps before and after CXR pretraining, and what
               came out for the published claims.
@@ -48,9 +50,11 @@ def get_config():
   c.synthetic = ml_collections.ConfigDict({
       'natural': {'kind': 'natural', 'args': {
           'num_classes': 10, 'image_size': 32, 'num_train': 6000, 'num_test': 500}},
+      # Site A's labels are mined from its reports by cxr_jax.text.labeler, as the
+      # published CXR network's were; label_noise is how often the report itself errs.
       'site_a': {'kind': 'cxr', 'args': {
           'site': 'A', 'image_size': 32, 'num_examples': 4000, 'label_noise': 0.1,
-          'severity_range': SEVERITY}},
+          'severity_range': SEVERITY, 'mine_labels': True}},
       'site_b': {'kind': 'cxr', 'args': {
           'site': 'B', 'image_size': 32, 'num_examples': 4000, 'label_noise': 0.0,
           'severity_range': SEVERITY}},
