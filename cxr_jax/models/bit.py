@@ -152,10 +152,6 @@ class BiT(nn.Module):
   truncate: int = 0
   zero_head: bool = True
   dtype: Any = jnp.float32
-  # 'imagenet': the published 7x7 stride-2 convolution and 3x3 stride-2 max pool.
-  # 'small': one 3x3 stride-1 convolution, for images of a few dozen pixels, which the
-  # published root would shrink to a handful of positions before the first unit.
-  root: str = 'imagenet'
 
   # Where the classifier lives, and which parameters sit after the body (their
   # width follows the last kept stage, so truncation re-initialises them).
@@ -175,16 +171,10 @@ class BiT(nn.Module):
       raise ValueError(f'truncate={self.truncate}: BiT has {len(self.units)} stages; '
                        f'remove between 0 and {len(self.units) - 1}.')
     features = {}
-    if self.root == 'imagenet':
-      x = _NamedConv(int(64 * self.width), (7, 7), 2, padding=((3, 3), (3, 3)),
-                     dtype=self.dtype, name='root_block')(images)
-      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
-    elif self.root == 'small':
-      x = _NamedConv(int(64 * self.width), (3, 3), 1, padding=((1, 1), (1, 1)),
-                     dtype=self.dtype, name='root_block')(images)
-    else:
-      raise ValueError(f"root={self.root!r}; expected 'imagenet' or 'small'.")
+    x = _NamedConv(int(64 * self.width), (7, 7), 2, padding=((3, 3), (3, 3)),
+                   dtype=self.dtype, name='root_block')(images)
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
     features['root'] = x
     for i, num_units in enumerate(self.units[:len(self.units) - self.truncate]):
       x = Stage(num_units, int(64 * self.width) * 2**i, 1 if i == 0 else 2,
