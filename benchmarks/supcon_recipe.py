@@ -14,7 +14,9 @@ minutes and the same process scores the embedding before and after:
 - Data: `synthetic_cxr` sites A (report-mined labels, noise 0.1) and B (true labels) at
   --size px with --severity, rendered by `synthetic.generate_cxr` and cached in
   --cache_dir. Site A trains; batches are drawn at random, with the stage's `data.pp`
-  and `abnormal` as the pipeline derives it.
+  and `abnormal` as the pipeline derives it, and the findings' `labels`/`label_mask`
+  (uncertain codes masked, unmentioned negative) for the finding-based positives
+  (`--set loss.positives=jaccard` or `any_shared`).
 - Training: the trainer's own network, initialisation from --generic, optimizer and
   train step (`trainer.build_network`, `initial_variables`, `make_train_step`).
 - Score: linear probes (scikit-learn logistic regression, C=0.1, standardised
@@ -128,6 +130,9 @@ def main():
   tasks = {args.finding: data['b_true'][:, findings.index(args.finding)].astype(int),
            'abnormal': data['b_true'].any(1).astype(int)}
   abnormal = labels_lib.derive_abnormal(data['a_labels'], findings).astype(np.float32)
+  codes = data['a_labels']
+  finding_labels = (codes == labels_lib.POSITIVE).astype(np.float32)
+  finding_mask = (codes != labels_lib.UNCERTAIN).astype(np.float32)
 
   network = trainer.build_network(config)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -157,7 +162,8 @@ def main():
     index = rng.choice(len(abnormal), config.batch_size, replace=False)
     batch = {'image': np.stack([pp_train({'image': data['a_image'][k]}, rng)['image']
                                 for k in index]),
-             'abnormal': abnormal[index]}
+             'abnormal': abnormal[index], 'labels': finding_labels[index],
+             'label_mask': finding_mask[index]}
     state, metrics = train_step(state, batch)
     if i % 100 == 0 or i == config.total_steps - 1:
       print(f'step {i + 1}: loss {float(metrics["loss"]):.3f}, positive cosine '

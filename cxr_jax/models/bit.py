@@ -39,11 +39,12 @@ class StandardizedConv(nn.Module):
     mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
     var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)
     kernel = (kernel - mean) / jnp.sqrt(var + WS_EPS)
-    if self.kernel_size == (1, 1) and self.padding in ('SAME', 'VALID'):
+    if self.kernel_size == (1, 1) and self.strides == 1:
       # A 1x1 convolution is a matrix product over channels. Written as one, its
       # gradients are matrix products too: XLA:CPU computes a 1x1 convolution's gradient
-      # about 8x slower than the same product (BENCHMARKS.md, conv implementations).
-      x = x[:, ::self.strides, ::self.strides, :] if self.strides > 1 else x
+      # several times slower than the same product (benchmarks/conv_impl.py). Strided
+      # ones stay convolutions: a strided slice's symbolic output size would not match
+      # the strided 3x3 path's in shape-polymorphic export.
       return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype),
