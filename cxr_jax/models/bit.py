@@ -136,12 +136,16 @@ class Stage(nn.Module):
   mid_features: int
   strides: int
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x):
+    # Rematerialised units keep only their input for the backward pass and recompute
+    # the rest; nn.remat keeps the unit's name, so the parameter tree is unchanged.
+    unit = nn.remat(BottleneckUnit) if self.remat else BottleneckUnit
     for i in range(self.num_units):
-      x = BottleneckUnit(self.mid_features, self.strides if i == 0 else 1,
-                         dtype=self.dtype, name=f'unit{i + 1:02d}')(x)
+      x = unit(self.mid_features, self.strides if i == 0 else 1,
+               dtype=self.dtype, name=f'unit{i + 1:02d}')(x)
     return x
 
 
@@ -153,6 +157,9 @@ class BiT(nn.Module):
   truncate: int = 0
   zero_head: bool = True
   dtype: Any = jnp.float32
+  # Recompute each residual unit's activations in the backward pass instead of storing
+  # them: less accelerator memory for one more forward pass per unit.
+  remat: bool = False
 
   # Where the classifier lives, and which parameters sit after the body (their
   # width follows the last kept stage, so truncation re-initialises them).
@@ -179,7 +186,7 @@ class BiT(nn.Module):
     features['root'] = x
     for i, num_units in enumerate(self.units[:len(self.units) - self.truncate]):
       x = Stage(num_units, int(64 * self.width) * 2**i, 1 if i == 0 else 2,
-                dtype=self.dtype, name=f'block{i + 1}')(x)
+                dtype=self.dtype, remat=self.remat, name=f'block{i + 1}')(x)
       features[f'block{i + 1}'] = x
     x = nn.relu(GroupNorm(dtype=self.dtype, name='group_norm')(x))
     embedding = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

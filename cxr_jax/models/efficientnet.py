@@ -289,6 +289,9 @@ class EfficientNet(nn.Module):
   # was built with weights=None (see InputNormalization).
   keras_imagenet_rescale: bool = True
   depthwise_impl: str = 'auto'  # See DepthwiseConv: 'conv' or 'shifted' force one.
+  # Recompute each MBConv block's activations in the backward pass instead of storing
+  # them: less memory for more compute (BENCHMARKS.md, memory at scale).
+  remat: bool = False
 
   weights_format = 'keras_h5'
   head_scope = 'predictions'  # Where the classifier lives.
@@ -324,15 +327,18 @@ class EfficientNet(nn.Module):
     features['stem'] = x
 
     specs = block_specs(self.width_coefficient, self.depth_coefficient)
+    # `train` (argument 2, counting the module) is a Python bool that picks BatchNorm's
+    # and dropout's mode, so it must stay static. nn.remat keeps the block's name.
+    block = nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
     for spec in specs:
       if spec.group >= kept_groups:
         break
       # Rates grow with depth over the full network, so truncation keeps them as is.
-      x = MBConvBlock(spec.kernel_size, spec.filters_in, spec.filters_out,
-                      spec.expand_ratio, spec.strides,
-                      drop_rate=self.drop_connect_rate * spec.index / len(specs),
-                      depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                      name=spec.name)(x, train)
+      x = block(spec.kernel_size, spec.filters_in, spec.filters_out,
+                spec.expand_ratio, spec.strides,
+                drop_rate=self.drop_connect_rate * spec.index / len(specs),
+                depthwise_impl=self.depthwise_impl, dtype=self.dtype,
+                name=spec.name)(x, train)
       features[f'block{spec.group + 1}'] = x
 
     if not self.truncate:
