@@ -46,6 +46,8 @@ def get_config(model_name: str = 'bit-r50x1'):
   c = config_lib.base_config()
   c.trainer = 'supervised'
   c.model_name = model_name or 'bit-r50x1'
+  # bf16 compute for accelerators; on CPU float32 is faster (XLA:CPU has no fast bf16
+  # matmuls): add --config.model.dtype=float32 there.
   c.model.dtype = 'bfloat16'  # Parameters stay float32.
   c.head.num_classes = 1000
   updates = -(-EPOCHS * IMAGENET_TRAIN_EXAMPLES // GLOBAL_BATCH)  # 28,151.

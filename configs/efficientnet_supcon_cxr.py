@@ -65,6 +65,8 @@ def get_config(variant: str = 'b0'):
   c = config_lib.base_config()
   c.trainer = 'supcon'
   c.model_name = model_name
+  # bf16 compute for accelerators; on CPU float32 is faster (XLA:CPU has no fast bf16
+  # matmuls): add --config.model.dtype=float32 there.
   c.model.dtype = 'bfloat16'  # Parameters stay float32; the loss is computed in float32.
   c.init.weights = f'weights/efficientnet{variant}_notop.h5'
   c.optimizer.accumulate_steps = ACCUMULATE[variant]

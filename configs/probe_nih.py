@@ -61,6 +61,8 @@ def get_config(mode: str = 'linear'):
   c.trainer = 'finetune'
   c.finetune.mode = mode
   c.model_name = 'bit-r50x1'
+  # bf16 compute for accelerators; on CPU float32 is faster (XLA:CPU has no fast bf16
+  # matmuls): add --config.model.dtype=float32 there.
   c.model.dtype = 'bfloat16'  # Parameters stay float32.
   c.init.workdir = 'runs/supcon_chexpert'
   c.data.name = 'nih_cxr14'

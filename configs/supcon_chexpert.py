@@ -69,6 +69,8 @@ def get_config(dataset: str = 'chexpert'):
   c = config_lib.base_config()
   c.trainer = 'supcon'
   c.model_name = 'bit-r50x1'
+  # bf16 compute for accelerators; on CPU float32 is faster (XLA:CPU has no fast bf16
+  # matmuls): add --config.model.dtype=float32 there.
   c.model.dtype = 'bfloat16'  # Parameters stay float32; the loss is computed in float32.
   c.init.weights = 'weights/BiT-M-R50x1.npz'
   c.optimizer.accumulate_steps = 4

@@ -456,3 +456,44 @@ def test_an_error_is_the_last_thing_printed(data_dir, tmp_path):
   last = log_of(tmp_path / 'run').strip().splitlines()[-1]
   assert last.startswith('ValueError: ') and 'head.projection_hidden: 2048 -> 64' in last, (
       log_of(tmp_path / 'run')[-3000:])
+
+
+def test_bfloat16_step_tracks_the_float32_step():
+  """bf16 compute (the full-scale recipes' default): float32 parameters, loss close."""
+  from cxr_jax.train import config_lib, optimizers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+           'labels': rng.integers(0, 2, (8, 7)).astype(np.float32),
+           'label_mask': np.ones((8, 7), np.float32)}
+  runs = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = config_lib.base_config()
+    config.model_name, config.model.dtype = 'bit-tiny', dtype
+    config.head.num_classes, config.init_image_size = 7, 32
+    config.optimizer.learning_rate = 0.1
+    network = trainer.build_network(config)
+    variables = trainer.initial_variables(network, config, jax.random.PRNGKey(0))
+    params = variables.pop('params')
+    tx, _ = optimizers.make_optimizer(config.optimizer, params, 10, batch_size=8)
+    state = {'step': np.int32(0), 'params': params, 'opt_state': tx.init(params),
+             'model_state': variables, 'rng': jax.random.PRNGKey(1)}
+    step = jax.jit(trainer.make_train_step(network, config, tx))
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      losses.append(float(metrics['loss']))
+      assert metrics['loss'].dtype == np.float32
+    runs[dtype] = (params, state['params'], losses)
+  start, end32, losses32 = runs['float32']
+  _, end16, losses16 = runs['bfloat16']
+  assert {x.dtype for x in jax.tree.leaves(end16)} == {np.dtype(np.float32)}
+  np.testing.assert_allclose(losses16, losses32, rtol=0.02)
+  assert losses32[-1] < losses32[0]  # The steps learn something, so tracking means something.
+  # The bf16 run's parameter updates point where the float32 run's do.
+  update32 = np.concatenate([np.ravel(e - s) for e, s in
+                             zip(jax.tree.leaves(end32), jax.tree.leaves(start))])
+  update16 = np.concatenate([np.ravel(e - s) for e, s in
+                             zip(jax.tree.leaves(end16), jax.tree.leaves(start))])
+  cosine = update16 @ update32 / np.linalg.norm(update16) / np.linalg.norm(update32)
+  print(f'bf16 vs float32: losses {losses16} / {losses32}, update cosine {cosine:.4f}')
+  assert cosine > 0.95
