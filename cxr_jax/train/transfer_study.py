@@ -89,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.finetune.networks = ('cxr',)  # Networks fine-tuned; 'scratch' = random init.
   c.finetune.modes = ('full', 'lpft')  # Also for scratch: only 'full' applies there.
   c.finetune.draws = 1
+  # Budgets fine-tuned at, each one of `budgets`; () = all of them. Fine-tuning runs
+  # dominate a study's time; the probes and pixels still run at every budget.
+  c.finetune.budgets = ()
   c.finetune.steps = 100
   c.finetune.lp_steps = 50
   c.finetune.batch_size = 32
@@ -165,6 +168,16 @@ def eval_sets(config) -> List[EvalSet]:
   return sets
 
 
+def finetune_budgets(config) -> tuple:
+  """The budgets fine-tuned at: config.finetune.budgets, or every budget if empty."""
+  chosen = tuple(config.finetune.budgets) or tuple(config.budgets)
+  unknown = [b for b in chosen if b not in tuple(config.budgets)]
+  if unknown:
+    raise ValueError(f'config.finetune.budgets has {unknown}, which are not in config.budgets '
+                     f'{tuple(config.budgets)}; fine-tuning reuses the probes\' label draws.')
+  return chosen
+
+
 class Study:
 
   def __init__(self, config, workdir: str):
@@ -176,6 +189,7 @@ class Study:
     if not config.networks:
       raise ValueError('config.networks is empty: name at least one pretrained workdir.')
     self.eval_sets = eval_sets(config)
+    finetune_budgets(config)  # An unknown budget fails before any work.
 
   def model(self, workdir: str) -> inference.Model:
     model = inference.load_run(workdir)
@@ -356,11 +370,12 @@ class Study:
   def run_finetuning(self, draws, truth):
     from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
     study = self.config.finetune
+    budgets = finetune_budgets(self.config)
     for network in study.networks:
       modes = ('full',) if network == 'scratch' else study.modes
       for mode in modes:
         for (budget, draw), indices in draws.items():
-          if draw >= study.draws:
+          if draw >= study.draws or budget not in budgets:
             continue
           run_dir = os.path.join(self.workdir, 'finetune', f'{network}_{mode}_{budget}_{draw}')
           trainer.train(self.finetune_config(network, mode, indices, draw), run_dir)
@@ -601,6 +616,7 @@ def claim_values(summary, budgets, test_set: str = IN_SITE,
       'cxr_beats_generic_linear_probe': (('linear_probe', cxr), ('linear_probe', 'generic')),
       'cxr_beats_pixels_linear_probe': (('linear_probe', cxr), ('linear_probe', PIXELS)),
       'pretraining_beats_scratch': (('finetune', cxr), ('finetune', 'scratch')),
+      'finetune_beats_pixels': (('finetune', cxr), ('linear_probe', PIXELS)),
       'lpft_at_least_finetune': (('lpft', cxr), ('finetune', cxr)),
   }
   summary = _rows_of(summary, test_set)
@@ -617,6 +633,7 @@ def claims(summary, budgets, test_set: str = IN_SITE, cxr: str = 'cxr') -> List[
                                         '(linear probe on the embeddings)',
       'cxr_beats_pixels_linear_probe': 'The CXR embedding beats the raw pixels (linear probes)',
       'pretraining_beats_scratch': 'Pretraining beats training from scratch (full fine-tuning)',
+      'finetune_beats_pixels': 'Fine-tuning the CXR network beats the raw pixels',
       'lpft_at_least_finetune': 'LP-FT is at least as good as fine-tuning alone',
   }
   lines = []

@@ -37,17 +37,20 @@ def test_claims_compare_the_right_methods_at_each_budget():
   summary = [row('linear_probe', 'cxr', '10', 0.80), row('linear_probe', 'generic', '10', 0.70),
              row('linear_probe', 'cxr', '100', 0.85), row('linear_probe', 'generic', '100', 0.90),
              row('finetune', 'cxr', '10', 0.75), row('finetune', 'scratch', '10', 0.60),
-             row('lpft', 'cxr', '10', 0.70), row('linear_probe', 'pixels', '100', 0.84)]
+             row('lpft', 'cxr', '10', 0.70), row('linear_probe', 'pixels', '100', 0.84),
+             row('finetune', 'cxr', '100', 0.83)]
   values = transfer_study.claim_values(summary, ['10', '100'])
   assert values['cxr_beats_generic_linear_probe'] == {'10': (0.80, 0.70), '100': (0.85, 0.90)}
   assert values['cxr_beats_pixels_linear_probe'] == {'100': (0.85, 0.84)}
   assert values['pretraining_beats_scratch'] == {'10': (0.75, 0.60)}
+  assert values['finetune_beats_pixels'] == {'100': (0.83, 0.84)}
   assert values['lpft_at_least_finetune'] == {'10': (0.70, 0.75)}
   lines = transfer_study.claims(summary, ['10', '100'])
   assert 'holds at 1 of 2 budgets (10 labels: 0.800 vs 0.700; 100 labels: 0.850 vs 0.900)' in lines[0]
   assert 'holds at every budget (100 labels: 0.850 vs 0.840)' in lines[1]
   assert 'holds at every budget' in lines[2]
-  assert 'does not hold' in lines[3]
+  assert 'does not hold (100 labels: 0.830 vs 0.840)' in lines[3]
+  assert 'does not hold' in lines[4]
   assert 'not measured' in transfer_study.claims([], ['10'])[0]
   # External rows never enter the in-site verdicts, and have verdicts of their own.
   summary += [row('linear_probe', 'cxr', '10', 0.55, 'site_c'),
@@ -306,3 +309,15 @@ def test_label_efficiency_against_each_baseline():
   assert '**>= 11x**' in lines[0] and '**2.2x**' in lines[1]
   assert transfer_study.label_efficiency(summary, 10) == {}
   assert 'not measured' in transfer_study.efficiency_lines({}, 10)[0]
+
+
+def test_finetune_budgets_default_to_every_budget_and_must_be_among_them():
+  config = transfer_study.default_config()
+  config.budgets = (10, 45, 'all')
+  assert transfer_study.finetune_budgets(config) == (10, 45, 'all')
+  config.finetune.budgets = ('all',)
+  assert transfer_study.finetune_budgets(config) == ('all',)
+  config.finetune.budgets = (45, 500)
+  with pytest.raises(ValueError, match=r"finetune.budgets has \[500\], which are not in "
+                                       r"config.budgets \(10, 45, 'all'\)"):
+    transfer_study.finetune_budgets(config)
