@@ -79,11 +79,12 @@ def build_dataset(data_dir: str) -> str:
 
 
 def stage_config(model: str, stage: str, batch: int, image_size: int, dataset: str,
-                 data_dir: str, workers: int):
+                 data_dir: str, workers: int, dtype: str = 'float32'):
   """The trainer config of one benchmark run; `batch` counts network inputs."""
   config = config_lib.base_config()
   config.trainer = stage
   config.model_name = model
+  config.model.dtype = dtype  # Compute dtype; parameters and the loss stay float32.
   config.batch_size = batch // 2 if stage == 'supcon' else batch
   config.total_steps = 1000
   config.data.name, config.data.data_dir, config.data.workers = dataset, data_dir, workers
@@ -134,8 +135,10 @@ def stage_timer(config, image_size: int, num_devices: int, steps: int):
   batch_sharding = sharding.batch_sharding(mesh)
   current = {'state': jax.device_put(state, state_sharding)}
   host_batch = synthetic_batch(config, image_size)
-  data = iter(pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
-                                            seed=0, train=True))
+  data = None
+  if config.data.name:  # '' with --synthetic_only: no dataset, no pipeline rows.
+    data = iter(pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
+                                              seed=0, train=True))
 
   def run_step(next_batch):
     def step():
@@ -145,8 +148,10 @@ def stage_timer(config, image_size: int, num_devices: int, steps: int):
     return step
 
   def time_steps() -> dict:
-    return {'synthetic': model_throughput.timed(run_step(lambda: host_batch), repeats=steps),
-            'pipeline': model_throughput.timed(run_step(lambda: next(data)), repeats=steps)}
+    times = {'synthetic': model_throughput.timed(run_step(lambda: host_batch), repeats=steps)}
+    if data is not None:
+      times['pipeline'] = model_throughput.timed(run_step(lambda: next(data)), repeats=steps)
+    return times
 
   return time_steps
 
@@ -167,14 +172,15 @@ def bench_devices(args, num_devices: int) -> dict:
   rows, peaks = [], []
   for model in args.models.split(','):
     configs = {stage: stage_config(model, stage, args.batch, args.image_size, args.dataset,
-                                   args.data_dir, args.workers) for stage in STAGES}
+                                   args.data_dir, args.workers, args.dtype) for stage in STAGES}
     timers = {stage: stage_timer(config, args.image_size, num_devices, args.steps)
               for stage, config in configs.items()}
     rounds = []  # Per round: {(stage, data): seconds}, bare included.
     for _ in range(args.rounds):
-      peaks.append(model_throughput.matmul_peak(args.matmul_size, jnp.float32, args.steps))
+      peaks.append(model_throughput.matmul_peak(args.matmul_size, jnp.dtype(args.dtype),
+                                                args.steps))
       bare = next(r for r in model_throughput.bench_model(
-          model, args.batch, args.image_size, jnp.float32, args.steps, {})
+          model, args.batch, args.image_size, jnp.dtype(args.dtype), args.steps, {})
                   if r['mode'] == 'forward+backward')
       times = {('bare model', '-'): args.batch / bare['images_per_s']}
       for stage, timer in timers.items():
@@ -210,6 +216,7 @@ def bench_devices_in_subprocess(args, num_devices: int) -> dict:
                '--rounds', str(args.rounds),
                '--image_size', str(args.image_size), '--matmul_size', str(args.matmul_size),
                '--workers', str(args.workers), '--data_dir', args.data_dir,
+               '--dtype', args.dtype,
                '--dataset', args.dataset, '--in_process_devices', str(num_devices),
                '--json', out.name]
     env = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -249,6 +256,11 @@ def main():
   parser.add_argument('--data_dir', default='',
                       help='Where the 256 px synthetic_cxr set is (built if missing); '
                       "'' = a temporary directory.")
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help='Compute dtype (parameters and losses stay float32).')
+  parser.add_argument('--synthetic_only', action='store_true',
+                      help='Skip the grain-pipeline rows (building their dataset needs '
+                      'TensorFlow, which accelerator hosts may lack).')
   parser.add_argument('--json', default='')
   # Set by the parent for its forced-device subprocesses.
   parser.add_argument('--dataset', default='', help=argparse.SUPPRESS)
@@ -275,7 +287,7 @@ def main():
       if not jax.config.jax_compilation_cache_dir:
         jax.config.update('jax_compilation_cache_dir', os.path.join(scratch, 'jax_cache'))
       args.data_dir = args.data_dir or scratch
-      args.dataset = build_dataset(args.data_dir)
+      args.dataset = '' if args.synthetic_only else build_dataset(args.data_dir)
       results = []
       for n in dict.fromkeys(counts):
         if accelerator or n == 1:
@@ -284,9 +296,9 @@ def main():
           results.append(bench_devices_in_subprocess(args, n))
     print(f'device: {results[0]["device"]} ({results[0]["backend"]}), host: '
           f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-          f'jax {jax.__version__}; {args.image_size} px, float32')
+          f'jax {jax.__version__}; {args.image_size} px, {args.dtype}')
     for n, result in zip(dict.fromkeys(counts), results):
-      print(f'{n} device(s): matmul {args.matmul_size}^3 float32 '
+      print(f'{n} device(s): matmul {args.matmul_size}^3 {args.dtype} '
             f'{result["matmul_tflops"]:.3f} TFLOP/s')
     print()
     print_table(results)
