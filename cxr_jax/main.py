@@ -14,6 +14,7 @@ it stopped; 1 on an error.
 import importlib.util
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -57,6 +58,19 @@ def main(argv):
     print(f'{e}\nExit status {EXIT_PREEMPTED}: preempted, re-run to continue.',
           file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
+  except Exception:  # pylint: disable=broad-except
+    # The error must be the last thing printed. Interpreter shutdown still runs (it
+    # releases the data workers' semaphores and the like), but with its output
+    # discarded: in it, libraries' unfinished background work (Orbax's restore
+    # coroutines after a failed resume) prints tracebacks of its own below the error.
+    traceback.print_exc()
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, sys.stderr.fileno())
+    sys.exit(1)
 
 
 def _load_config(spec: str):
