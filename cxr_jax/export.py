@@ -74,6 +74,7 @@ path), never on the training path.
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -83,6 +84,7 @@ from absl import flags
 import numpy as np
 
 from cxr_jax import cli
+from cxr_jax import files
 from cxr_jax import inference
 from cxr_jax.data import transforms
 from cxr_jax.registry import Registry
@@ -567,15 +569,43 @@ def export_model(model: inference.Model, output: str, *,
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f'{output} exists; choose another --output or pass --overwrite.')
   staging = f'{output}.tmp-{os.getpid()}'
-  shutil.rmtree(staging, ignore_errors=True)
+  _remove_stale_staging(output)
   try:
     _Exported(model, platforms).save(staging)
     if os.path.exists(output):
       shutil.rmtree(output)
     os.replace(staging, output)
+  except OSError as e:
+    raise files.failure(f'the SavedModel {output}', e) from e
+  except Exception as e:  # TensorFlow reports a failed write as its own error types.
+    if not isinstance(e, _tf().errors.OpError):
+      raise
+    message = ' '.join(str(e.message).split())
+    raise OSError(f'Writing the SavedModel {output} failed: {message}. Nothing of it was '
+                  'left behind; free space (or fix the cause) and re-run the same '
+                  'command.') from e
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging + '.assets', ignore_errors=True)
   return output
+
+
+def _remove_stale_staging(output: str) -> None:
+  """Removes what exports into `output` killed outright (kill -9) left beside it."""
+  parent, name = os.path.split(output)
+  if not os.path.isdir(parent):
+    return
+  for entry in os.listdir(parent):
+    match = re.match(rf'^{re.escape(name)}\.tmp-(\d+)(\.assets)?$', entry)
+    if not match:
+      continue
+    try:
+      os.kill(int(match[1]), 0)  # Signal 0 only asks whether the writer still runs.
+      continue
+    except ProcessLookupError:
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    except PermissionError:  # Someone else's live process.
+      continue
 
 
 def export_run(workdir: str, output: str, *, step: Optional[int] = None, best: bool = False,
