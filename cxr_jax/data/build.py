@@ -172,6 +172,13 @@ def summary(builder, data_dir: str) -> str:
     lines += [f'    skipped {item["source"]}: {item["reason"]}' for item in bad[:5]]
     if len(bad) > 5:
       lines.append(f'    ... and {len(bad) - 5} more (info.metadata["skipped"])')
+    unparsed = ((builder.info.metadata or {}).get('unparsed') or {}).get(split, [])
+    if unparsed:
+      lines.append(f'  {split}: {len(unparsed)} metadata cells not parsed, stored as unknown')
+      lines += [f'    {item["source"]}: {item["field"]} {item["value"]!r}: {item["reason"]}'
+                for item in unparsed[:5]]
+      if len(unparsed) > 5:
+        lines.append(f'    ... and {len(unparsed) - 5} more (info.metadata["unparsed"])')
   lines.append(f"Read it with name='{full_name(builder)}', "
                f"data_dir='{data_dir}'.")
   return '\n'.join(lines)
