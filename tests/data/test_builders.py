@@ -840,3 +840,30 @@ def test_chexpert_age_zero_is_listed_as_unknown(tmp_path):
   key = 'CheXpert-v1.0-small/train/patient00009/study1/view1_frontal.jpg'
   assert records[key]['age'] == -1
   assert [item['value'] for item in builder.info.metadata['unparsed']['train']] == ['0']
+
+
+def test_nih_google_relabels_under_bucket_names_take_metadata_from_v2020(tmp_path):
+  """Google's bucket layout, label files carrying 2017 columns (one age 155), and
+  Data_Entry_2017_v2020.csv beside them: the table's metadata wins."""
+  root = make_nih(tmp_path / 'nih')
+  a, b, _, test = nih_patients()
+  os.rename(os.path.join(root, 'Data_Entry_2017.csv'),
+            os.path.join(root, 'Data_Entry_2017_v2020.csv'))
+  header = ['Image Index', 'Follow-up #', 'Patient ID', 'Patient Age', 'Patient Gender',
+            'View Position', 'Fracture', 'Pneumothorax', 'Airspace opacity', 'Nodule or mass']
+  folder = os.path.join(root, 'four_findings_expert_labels')
+  # Stale copies: ages 155 and 12, sex and view swapped.
+  write_csv(os.path.join(folder, 'validation_labels.csv'), header,
+            [[f'{a:08d}_000.png', 0, a, '155', 'F', 'AP', 'NO', 'NO', 'YES', 'NO'],
+             [f'{b:08d}_000.png', 0, b, '12', 'M', 'AP', 'NO', 'NO', 'NO', 'NO']])
+  write_csv(os.path.join(folder, 'test_labels.csv'), header,
+            [[f'{test:08d}_000.png', 0, test, '155', 'F', 'PA', 'NO', 'YES', 'NO', 'NO']])
+  builder = build('nih_cxr14/google_expert', tmp_path / 'tfds', root)
+  validation = by_id(read_split(builder, 'validation'))
+  first = validation[f'{a:08d}_000.png']
+  assert (first['age'], text(first['sex']), text(first['view'])) == (58, 'M', 'PA')
+  assert validation[f'{b:08d}_000.png']['age'] == 45  # '045Y' in the table.
+  np.testing.assert_array_equal(first['labels'], [0, 0, 1, 0])
+  only = by_id(read_split(builder, 'test'))[f'{test:08d}_000.png']
+  assert (only['age'], text(only['sex']), text(only['view'])) == (70, 'M', 'AP')
+  assert builder.info.metadata['unparsed'] == {'validation': [], 'test': []}
