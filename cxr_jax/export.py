@@ -576,6 +576,8 @@ def export_model(model: inference.Model, output: str, *,
       shutil.rmtree(output)
     os.replace(staging, output)
   except OSError as e:
+    if not files.is_write_failure(e):
+      raise  # A missing tokenizer file, say: its message names it.
     raise files.failure(f'the SavedModel {output}', e) from e
   except Exception as e:  # TensorFlow reports a failed write as its own error types.
     if not isinstance(e, _tf().errors.OpError):

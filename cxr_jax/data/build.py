@@ -150,6 +150,8 @@ def build(name: str, data_dir: str, manual_dir: Optional[str] = None,
         manual_dir=manual_dir, try_download_gcs=False,
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
   except OSError as e:
+    if not files.is_write_failure(e):
+      raise  # A missing input file, say: its message names it.
     # TFDS writes into an 'incomplete.*' folder that it removes on failure, so nothing
     # partial remains; the cause of a failed write (a full disk) names no file itself.
     raise files.failure(f'dataset {full_name(builder)} in {builder.data_dir}', e,
