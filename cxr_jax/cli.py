@@ -5,7 +5,8 @@ them (from a notebook, a test or another tool) neither clashes with other flags 
 needs absl's global parsing; `main(argv)` may then run several times in one process.
 """
 
-from typing import Callable, Sequence
+import sys
+from typing import Callable, Sequence, Tuple, Type
 
 from absl import app
 from absl import flags
@@ -24,14 +25,23 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
 
 
 def run(main: Callable[[Sequence[str]], object], flag_values: flags.FlagValues,
-        doc: str) -> None:
-  """`app.run(main)` with --help printing `doc` and the tool's own flags."""
+        doc: str, one_line_errors: Tuple[Type[BaseException], ...] = ()) -> None:
+  """`app.run(main)` with --help printing `doc` and the tool's own flags.
+
+  Errors of a type in `one_line_errors` (bad input whose message names it) end the
+  command with that message as one line and exit status 1, not a traceback.
+  """
 
   def run_main(argv):
     if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
       print(f'{doc}\nFlags:\n{flag_values.get_help()}')
       return
-    main(argv)  # Its return value is for callers in Python, not an exit status.
+    try:
+      main(argv)  # Its return value is for callers in Python, not an exit status.
+    except one_line_errors as e:
+      # A progress line may be open on stderr; the error starts a line of its own.
+      print(f'\nError: {" ".join(str(e).split())}', file=sys.stderr, flush=True)
+      sys.exit(1)
 
   def parse_absl_flags(argv):
     flags.FLAGS(argv[:1])  # absl's own flags keep their defaults; `main` parses ours.

@@ -45,7 +45,13 @@ file that exists is whole. A re-run keeps files whose 'embed_spec' matches and
 computes only the missing ones, with the same batches as before, so the result is
 identical to an uninterrupted run; files of another model or data stop the run
 rather than mix. A progress line (batch, total, images/s, ETA) goes to stderr. An
-image that cannot be read stops the run with an error naming the file.
+image that cannot be read or embedded stops the run with one error line naming the
+file (or the dataset record) and the reason.
+
+Gray films stored as RGB(A) are read when their channels are equal (colour images are
+refused). Any input size is accepted: a run whose pp_eval crops before resizing sees
+inputs resized to its training images' size first (`inference.Model.input_pp`), so a
+2000 px film is never embedded through a small central crop.
 """
 
 import abc
@@ -217,6 +223,10 @@ class Source(abc.ABC):
   def record(self, index: int) -> Dict[str, Any]:
     """{'image': raw image or encoded bytes, 'id': str, 'labels'?: int8 [K], metadata...}"""
 
+  def name_of(self, index: int, image_id: str) -> str:
+    """Where record `index` (id `image_id`) comes from, for error messages."""
+    return image_id
+
 
 def _text(value) -> str:
   return value.decode('utf-8') if isinstance(value, (bytes, np.bytes_)) else str(value)
@@ -240,6 +250,9 @@ class TfdsSource(Source):
 
   def __len__(self):
     return len(self.source)
+
+  def name_of(self, index, image_id):
+    return f'{self.name}:{self.split} record {index} (image {image_id})'
 
   def record(self, index):
     element = self.source[index]
@@ -288,6 +301,9 @@ class FolderSource(Source):
 
   def __len__(self):
     return len(self.paths)
+
+  def name_of(self, index, image_id):
+    return self.paths[index]
 
   def record(self, index):
     path = self.paths[index]
@@ -339,6 +355,9 @@ class CsvSource(Source):
 
   def __len__(self):
     return len(self.paths)
+
+  def name_of(self, index, image_id):
+    return f'{self.paths[index]} ({self.csv_path}, row {index + 2})'
 
   def record(self, index):
     return {'image': images_lib.read_image(self.paths[index]), 'id': self.ids[index],
@@ -454,6 +473,30 @@ class _Progress:
       self._shown = now
 
 
+def _first_line(error: BaseException) -> str:
+  """The message of `error` without TensorFlow's graph trace (lines after the first)."""
+  text = str(getattr(error, 'message', '') or error).strip()
+  lines = [line for line in text.splitlines() if line.strip()]
+  asserted = [line for line in lines if 'embed_png' in line or 'central_crop' in line]
+  return (asserted or lines or [type(error).__name__])[0].strip()
+
+
+def _embed_records(model: Embedder, source: Source, indices, records, batch_size: int
+                   ) -> Dict[str, np.ndarray]:
+  """model.embed_arrays of the records' images; a failure names the image at fault."""
+  try:
+    return model.embed_arrays([r['image'] for r in records], batch_size=batch_size)
+  except Exception as batch_error:  # pylint: disable=broad-except  Narrowed down below.
+    for index, record in zip(indices, records):
+      try:
+        model.embed_arrays([record['image']], batch_size=batch_size)
+      except Exception as e:  # pylint: disable=broad-except  Preprocessing and TF raise many.
+        raise images_lib.ImageError(
+            f'{source.name_of(index, record["id"])}: cannot be embedded: '
+            f'{type(e).__name__}: {_first_line(e)}') from e
+    raise batch_error  # Each image alone is fine: the batch itself is at fault.
+
+
 def _embed_shard(model: Embedder, source: Source, shard: _Shard, batch_size: int,
                  progress: _Progress) -> Dict[str, np.ndarray]:
   columns: Dict[str, List[Any]] = {}
@@ -463,7 +506,8 @@ def _embed_shard(model: Embedder, source: Source, shard: _Shard, batch_size: int
     for key in records[0]:
       if key != 'image':
         columns.setdefault(key, []).extend(r[key] for r in records)
-    batch_out = model.embed_arrays([r['image'] for r in records], batch_size=batch_size)
+    batch_out = _embed_records(model, source, range(start, start + len(records)), records,
+                               batch_size)
     for key in ('embedding', 'logits', 'image_embedding'):
       if key in batch_out:
         outputs.setdefault(key, []).append(np.asarray(batch_out[key], np.float32))
@@ -707,4 +751,5 @@ def main(argv: Sequence[str]) -> str:
 
 
 if __name__ == '__main__':
-  cli.run(main, FLAGS, __doc__)
+  # An image that cannot be read or embedded is the user's data, not a bug: one line.
+  cli.run(main, FLAGS, __doc__, one_line_errors=(images_lib.ImageError,))

@@ -14,8 +14,9 @@ Signatures (each returns `embedding` float32 [B, D]; a classifier run adds `logi
 
   serving_default, embed_images   float32 [B, H, W, 1] grayscale in [0, 1]
   embed_images_uint8 / _uint16    uint8 / uint16 [B, H, W, 1] grayscale
-  embed_png                       tf.string [B]: encoded grayscale PNGs, 8- or 16-bit,
-                                  each of its own size
+  embed_png                       tf.string [B]: encoded PNGs, 8- or 16-bit, each of
+                                  its own size: gray, or a gray film stored as RGB(A)
+                                  or palette (its channels must be equal)
   metadata                        no input; the metadata below as tensors
 
 An image-text run (`inference.Model.has_text`) exports both towers. Its image
@@ -38,7 +39,10 @@ the tokenizer file, max_len, vocab_size, the joint size and the learnt `logit_sc
 From Python, `tf.saved_model.load(DIR).embed_images(x)` takes any of those dtypes as
 [B, H, W] or [B, H, W, 1] arrays of any H, W. The run's `config.data.pp_eval` runs
 inside the graph on every input, so the SavedModel takes the same raw pixels as
-`inference.Model.embed_arrays` and agrees with it (the tests hold them to 1e-4).
+`inference.Model.embed_arrays` and agrees with it (the tests hold them to 1e-4). A
+pp_eval that crops before resizing is preceded by a resize to the training images'
+size (`inference.Model.input_pp`, stored as the metadata's 'input_pp'), so a large film
+is seen at the resolution and field of view of training, not through a small crop.
 
 In-graph preprocessing. Each deterministic op of `data.transforms` has a TF version
 here, written to reproduce the NumPy op bit for bit: `value_range` repeats its float32
@@ -70,6 +74,7 @@ path), never on the training path.
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -79,6 +84,7 @@ from absl import flags
 import numpy as np
 
 from cxr_jax import cli
+from cxr_jax import files
 from cxr_jax import inference
 from cxr_jax.data import transforms
 from cxr_jax.registry import Registry
@@ -395,8 +401,8 @@ def _metadata(model: inference.Model, input_shape, platforms) -> Dict[str, Any]:
       'format': FORMAT, 'model_name': model.model_name, 'trainer': model.config.trainer,
       'embedding_dim': model.embedding_dim, 'has_logits': model.has_logits,
       'num_classes': model.num_classes, 'findings': list(model.findings),
-      'pp_eval': model.pp_eval, 'workdir': os.path.abspath(model.workdir) if model.workdir
-      else '', 'step': model.step, 'model_input_shape': list(input_shape),
+      'pp_eval': model.pp_eval, 'input_pp': model.input_pp,
+      'workdir': os.path.abspath(model.workdir) if model.workdir else '', 'step': model.step, 'model_input_shape': list(input_shape),
       'outputs': names, 'platforms': list(platforms), 'signatures': signatures,
       'has_text': model.has_text, 'text': text,
   }
@@ -409,7 +415,7 @@ class _Exported:
     tf = _tf()
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
     self.model = model
-    self.preprocess = graph_preprocess(model.pp_eval)
+    self.preprocess = graph_preprocess(model.input_pp)
     # The shape pp_eval gives a gray image; None where it depends on the input's size.
     probe = tf.function(self.preprocess, autograph=False).get_concrete_function(
         tf.TensorSpec([None, None, None, 1], tf.float32))
@@ -463,14 +469,28 @@ class _Exported:
   def embed_png(self, pngs):
     tf = _tf()
 
+    def gray(png, colour, dtype):
+      """The film as [H, W, 1]; a gray film stored as RGB(A) or palette must have equal
+      channels (converting real colour to luma would embed what no detector made)."""
+      def stored_gray():  # Colour types 0 and 4 (gray, gray + alpha; alpha dropped).
+        return tf.io.decode_png(png, 1, dtype)
+
+      def stored_colour():  # Types 2, 3 and 6: RGB, palette, RGBA (alpha dropped).
+        rgb = tf.io.decode_png(png, 3, dtype)
+        equal = tf.reduce_all(tf.equal(rgb[..., 0], rgb[..., 1])) & tf.reduce_all(
+            tf.equal(rgb[..., 0], rgb[..., 2]))
+        with tf.control_dependencies([tf.debugging.Assert(equal, [
+            'embed_png takes grayscale films: this PNG (colour type', colour, ') has '
+            'channels that differ, so it is a colour image, not a gray film stored as '
+            'RGB; convert it to gray yourself if that is what you mean'])]):
+          return tf.identity(rgb[..., :1])
+      return tf.cond((colour == 0) | (colour == 4), stored_gray, stored_colour)
+
     def one(png):
       depth, colour = _png_depth_and_colour(png)
-      with tf.control_dependencies([tf.debugging.Assert(
-          tf.equal(colour, 0), ['embed_png takes grayscale PNGs (colour type 0); got colour '
-                                'type', colour])]):
-        eight = lambda: self.preprocess(tf.io.decode_png(png, 1, tf.uint8)[None])
-        sixteen = lambda: self.preprocess(tf.io.decode_png(png, 1, tf.uint16)[None])
-        return tf.cast(tf.cond(depth == 16, sixteen, eight), tf.float32)[0]
+      eight = lambda: self.preprocess(gray(png, colour, tf.uint8)[None])
+      sixteen = lambda: self.preprocess(gray(png, colour, tf.uint16)[None])
+      return tf.cast(tf.cond(depth == 16, sixteen, eight), tf.float32)[0]
 
     images = tf.map_fn(one, pngs, fn_output_signature=tf.TensorSpec(
         self.input_shape, tf.float32))
@@ -549,15 +569,45 @@ def export_model(model: inference.Model, output: str, *,
   if os.path.exists(output) and not overwrite:
     raise FileExistsError(f'{output} exists; choose another --output or pass --overwrite.')
   staging = f'{output}.tmp-{os.getpid()}'
-  shutil.rmtree(staging, ignore_errors=True)
+  _remove_stale_staging(output)
   try:
     _Exported(model, platforms).save(staging)
     if os.path.exists(output):
       shutil.rmtree(output)
     os.replace(staging, output)
+  except OSError as e:
+    if not files.is_write_failure(e):
+      raise  # A missing tokenizer file, say: its message names it.
+    raise files.failure(f'the SavedModel {output}', e) from e
+  except Exception as e:  # TensorFlow reports a failed write as its own error types.
+    if not isinstance(e, _tf().errors.OpError):
+      raise
+    message = ' '.join(str(e.message).split())
+    raise OSError(f'Writing the SavedModel {output} failed: {message}. Nothing of it was '
+                  'left behind; free space (or fix the cause) and re-run the same '
+                  'command.') from e
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging + '.assets', ignore_errors=True)
   return output
+
+
+def _remove_stale_staging(output: str) -> None:
+  """Removes what exports into `output` killed outright (kill -9) left beside it."""
+  parent, name = os.path.split(output)
+  if not os.path.isdir(parent):
+    return
+  for entry in os.listdir(parent):
+    match = re.match(rf'^{re.escape(name)}\.tmp-(\d+)(\.assets)?$', entry)
+    if not match:
+      continue
+    try:
+      os.kill(int(match[1]), 0)  # Signal 0 only asks whether the writer still runs.
+      continue
+    except ProcessLookupError:
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    except PermissionError:  # Someone else's live process.
+      continue
 
 
 def export_run(workdir: str, output: str, *, step: Optional[int] = None, best: bool = False,

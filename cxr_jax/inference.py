@@ -64,6 +64,8 @@ class Model:
   step: int = -1
 
   def __post_init__(self):
+    # pp_eval is checked now; what raw inputs go through (`input_pp`) is settled on first
+    # use, since it may need the training data's image size.
     self._pp = transforms.Preprocess(self.pp_eval)
     if self._pp.num_views != 1:
       raise ValueError(f'config.data.pp_eval={self.pp_eval!r} makes two views; evaluation '
@@ -81,6 +83,37 @@ class Model:
   @property
   def pp_eval(self) -> str:
     return self.config.data.pp_eval
+
+  @functools.cached_property
+  def input_pp(self) -> str:
+    """The preprocessing raw inputs go through: pp_eval, resized first when it must be.
+
+    A pp_eval that crops (or uses the whole image) before any resize gives the network
+    the field of view and resolution it was trained on only for inputs of the training
+    images' size: through `central_crop(28)` a 2000 px film would be seen as its tiny
+    centre. Such a pp_eval gets `resize((H, W))` to the training images' size after
+    `decode` (a no-op for inputs of that size, so evaluation is unchanged). When that
+    size cannot be known, embedding refuses with the reason rather than guess.
+    """
+    if resizes_first(self.pp_eval):
+      return self.pp_eval
+    size, reason = training_image_size(self.config)
+    if size is None:
+      raise ValueError(
+          f'Run {self.workdir or "(in memory)"}: its pp_eval {self.pp_eval!r} does not resize '
+          'before it crops (or uses the whole image), so what the network sees depends on '
+          'the size of the input; an input larger than the training images would be seen '
+          'through a small central crop. The training images\' size is needed to resize '
+          f'inputs to it first, and it is unknown: {reason}. Make the training data '
+          'available at config.data.data_dir, or give pp_eval a resize (e.g. '
+          "'decode|resize(H)|...') and re-export.")
+    ops = [op.strip() for op in self.pp_eval.split('|')]
+    at = 1 if ops and ops[0].startswith('decode') else 0
+    return '|'.join(ops[:at] + [f'resize(({size[0]}, {size[1]}))'] + ops[at:])
+
+  @functools.cached_property
+  def _input_preprocess(self) -> transforms.Preprocess:
+    return transforms.Preprocess(self.input_pp)
 
   @property
   def model_name(self) -> str:
@@ -162,10 +195,11 @@ class Model:
     """One raw image -> the float32 [H, W, C] array the network sees.
 
     `image`: a 2-D or [H, W, 1] uint8/uint16 array, a float32 array in [0, 1], or
-    encoded PNG/JPEG bytes, as the run's `pp_eval` (which starts with `decode`) takes.
+    encoded PNG/JPEG bytes, as the run's `pp_eval` (which starts with `decode`) takes;
+    of any size (see `input_pp`).
     The ops are deterministic, so the generator passed to them is never drawn from.
     """
-    out = self._pp({'image': image}, np.random.default_rng(0))['image']
+    out = self._input_preprocess({'image': image}, np.random.default_rng(0))['image']
     return np.asarray(out, np.float32)
 
   def apply(self, images) -> Dict[str, np.ndarray]:
@@ -202,6 +236,53 @@ class Model:
         empty['image_embedding'] = np.zeros((0, self.joint_embedding_dim), np.float32)
       return empty
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+
+_RESIZES = ('resize', 'resize_small')
+# Ops whose output depends on the input's size: before any of these, a resize must come.
+_SIZE_DEPENDENT = ('central_crop', 'random_crop', 'inception_crop')
+
+
+def resizes_first(pp: str) -> bool:
+  """Whether `pp` resizes before anything that depends on the input's size."""
+  for name, _, _ in (transforms.parse(pp) if pp.strip() else []):
+    if name in _RESIZES:
+      return True
+    if name in _SIZE_DEPENDENT:
+      return False
+  return False  # No resize at all: the network sees the input at its own size.
+
+
+_SIZE_SAMPLES = 32
+
+
+def training_image_size(config) -> Tuple[Optional[Tuple[int, int]], str]:
+  """((height, width) of the images the run trained on, '') or (None, why not).
+
+  Read from up to 32 records spread over the training split (config.data.name, split
+  and data_dir), as stored; a split whose images differ in size has no single size.
+  """
+  # Imported here: reading a dataset is only needed for runs whose pp_eval lacks a resize.
+  from cxr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  name, split = config.data.get('name', ''), config.data.get('split', 'train')
+  if not name:
+    return None, 'the run names no dataset (config.data.name is empty)'
+  try:
+    source, _ = pipeline.open_source(name, split, config.data.get('data_dir') or None)
+  except (OSError, ValueError) as e:
+    return None, f'its training data {name}:{split} cannot be opened ({e})'
+  count = len(source)
+  if not count:
+    return None, f'its training data {name}:{split} is empty'
+  sizes = {}
+  for index in sorted({i * count // _SIZE_SAMPLES for i in range(min(count, _SIZE_SAMPLES))}):
+    image = transforms.Preprocess('decode')({'image': source[index]['image']},
+                                            np.random.default_rng(0))['image']
+    sizes.setdefault(tuple(int(d) for d in image.shape[:2]), index)
+  if len(sizes) > 1:
+    shown = ', '.join(f'{h}x{w} (record {i})' for (h, w), i in list(sizes.items())[:3])
+    return None, f'its training images in {name}:{split} differ in size ({shown})'
+  return next(iter(sizes)), ''
 
 
 def forward(network, has_logits: bool, variables, images, joint: bool = False

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from absl import app
+import cv2
 import numpy as np
 import pytest
 
@@ -176,6 +177,44 @@ def test_unreadable_image_is_named(setup, tmp_path):
     embed.embed_dataset(setup['models']['supcon']['workdir'], str(folder),
                         str(tmp_path / 'out.npz'), batch_size=4)
   assert not os.path.exists(tmp_path / 'out.npz')
+
+
+def test_a_bad_image_ends_the_command_in_one_line_naming_the_file(setup, tmp_path):
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  (folder / 'a_good.png').write_bytes(setup['png'])
+  gray = cv2.imdecode(np.frombuffer(setup['png'], np.uint8), cv2.IMREAD_UNCHANGED)
+  colour = np.stack([gray, gray // 2, gray], axis=-1)  # Real colour: not a gray film.
+  cv2.imwrite(str(folder / 'b_colour.png'), colour)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'cxr_jax.embed', '--model', setup['runs']['supcon'], '--data',
+       str(folder), '--output', str(tmp_path / 'out.npz')], cwd=repo, capture_output=True,
+      text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('Error: ') and str(folder / 'b_colour.png') in last, last
+  assert 'colour PNG' in last, last
+  assert not os.path.exists(tmp_path / 'out.npz')
+
+
+def test_an_image_that_cannot_be_embedded_is_named(setup, tmp_path):
+  # Read, but no image this network can take: a row of pixels.
+  records = [{'image': np.zeros((32, 32), np.uint16), 'id': 'fine'},
+             {'image': np.zeros((32,), np.uint16), 'id': 'flat'}]
+
+  class Tiny(embed.Source):
+    description = {'test': 'flat'}
+
+    def __len__(self):
+      return len(records)
+
+    def record(self, index):
+      return dict(records[index])
+
+  with pytest.raises(images_lib.ImageError, match=r'^flat: cannot be embedded: \w+'):
+    embed.embed_dataset(setup['models']['supcon']['workdir'], Tiny(), str(tmp_path / 'o.npz'))
 
 
 def test_command_line_writes_one_file_for_an_npz_output(setup, tmp_path):

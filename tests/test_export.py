@@ -284,10 +284,21 @@ def test_embed_png_takes_images_of_different_sizes(exported):
                              atol=TOLERANCE)
 
 
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
+def test_embed_png_takes_gray_films_stored_as_rgb(exported, dtype):
+  loaded, model, _ = exported['classifier']
+  gray = _images(dtype, (36, 30), seed=4)
+  rgb, rgba = np.stack([gray] * 3, axis=-1), np.stack([gray] * 4, axis=-1)
+  out = loaded.signatures['embed_png'](png=tf.constant([_png(rgb), _png(gray), _png(rgba)]))
+  expected = model.embed_arrays([gray])['embedding'][0]
+  for row in out['embedding'].numpy():
+    np.testing.assert_allclose(row, expected, atol=TOLERANCE)
+
+
 def test_embed_png_rejects_colour(exported):
   loaded, _, _ = exported['supcon']
   colour = _png(_images(np.uint8, (32, 32, 3)))
-  with pytest.raises(tf.errors.InvalidArgumentError, match='grayscale PNGs'):
+  with pytest.raises(tf.errors.InvalidArgumentError, match='channels that differ'):
     loaded.signatures['embed_png'](png=tf.constant([colour]))
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 
+import cv2
 import flax
 import numpy as np
 import pytest
@@ -152,3 +153,51 @@ def test_apply_rejects_unbatched_images(runs):
   model = shared_model(runs['supcon'])
   with pytest.raises(ValueError, match='batch'):
     model.apply(np.zeros((28, 28, 3), np.float32))
+
+
+CROP_ONLY_PP_EVAL = 'decode|window|central_crop(28)|value_range(-1, 1, 0, 1)|rgb'
+
+
+def _with_pp_eval(model, pp_eval, **data):
+  config = model.config.copy_and_resolve_references()
+  config.data.pp_eval = pp_eval
+  for key, value in data.items():
+    config.data[key] = value
+  return inference.Model(config, model.network, model.variables, model.workdir, model.step)
+
+
+def test_a_large_film_is_seen_at_the_training_resolution_and_field_of_view(runs):
+  """A pp_eval that crops without resizing first (the quickstart's) resizes inputs to the
+  training images' size (32 px here) first: a 2000 px film is not seen through its
+  central 28 px, and images of the stored size are preprocessed exactly as before."""
+  model = _with_pp_eval(shared_model(runs['classifier']), CROP_ONLY_PP_EVAL)
+  assert model.input_pp == ('decode|resize((32, 32))|window|central_crop(28)|'
+                            'value_range(-1, 1, 0, 1)|rgb')
+  rng = np.random.default_rng(5)
+  stored = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+  pp_eval = transforms.Preprocess(CROP_ONLY_PP_EVAL)
+  np.testing.assert_array_equal(
+      model.preprocess(stored), pp_eval({'image': stored}, np.random.default_rng(0))['image'])
+  film = cv2.resize(stored, (2000, 2000), interpolation=cv2.INTER_LINEAR_EXACT)
+  film[:, :1000] //= 2  # The film's two halves differ; its centre alone hides that.
+  seen = model.preprocess(film)
+  small = transforms.Preprocess('decode|resize(32)')({'image': film}, None)['image']
+  np.testing.assert_array_equal(seen, pp_eval({'image': small}, None)['image'])
+  centre = pp_eval({'image': film}, None)['image']
+  assert not np.allclose(seen, centre)
+  assert model.embed_arrays([film])['embedding'].shape == (1, model.embedding_dim)
+
+
+def test_unknown_training_size_refuses_rather_than_crop_a_small_centre(runs, tmp_path):
+  model = _with_pp_eval(shared_model(runs['classifier']), CROP_ONLY_PP_EVAL,
+                        data_dir=str(tmp_path / 'gone'))
+  with pytest.raises(ValueError, match=r"does not resize before it crops.*small central "
+                     r"crop.*unknown: its training data .* cannot be opened .*gone"):
+    model.embed_arrays([np.zeros((2000, 2000), np.uint16)])
+  # A pp_eval that resizes first needs nothing of the training data.
+  resizing = _with_pp_eval(shared_model(runs['classifier']), CLASSIFIER_PP_EVAL,
+                           data_dir=str(tmp_path / 'gone'))
+  assert resizing.input_pp == CLASSIFIER_PP_EVAL
+  assert inference.resizes_first('decode|resize_small(32)|central_crop(28)')
+  assert not inference.resizes_first('decode|window|central_crop(28)|resize(28)')
+  assert not inference.resizes_first('decode|value_range(-1, 1)|rgb')

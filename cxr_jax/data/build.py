@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
+from cxr_jax import files
 from cxr_jax.data import builders  # noqa: F401  Registers the project's builders.
 from cxr_jax.data.builders import base
 
@@ -144,9 +145,17 @@ def build(name: str, data_dir: str, manual_dir: Optional[str] = None,
     raise ValueError(f'{builder.name} needs --manual_dir:\n{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   if hasattr(config, 'root'):
     manual_dir = config.root  # A manifest given as its JSON file: its folder.
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False,
-      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False,
+        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  except OSError as e:
+    if not files.is_write_failure(e):
+      raise  # A missing input file, say: its message names it.
+    # TFDS writes into an 'incomplete.*' folder that it removes on failure, so nothing
+    # partial remains; the cause of a failed write (a full disk) names no file itself.
+    raise files.failure(f'dataset {full_name(builder)} in {builder.data_dir}', e,
+                        'Its partial files were removed') from e
   return builder
 
 
@@ -165,6 +174,13 @@ def summary(builder, data_dir: str) -> str:
     lines += [f'    skipped {item["source"]}: {item["reason"]}' for item in bad[:5]]
     if len(bad) > 5:
       lines.append(f'    ... and {len(bad) - 5} more (info.metadata["skipped"])')
+    unparsed = ((builder.info.metadata or {}).get('unparsed') or {}).get(split, [])
+    if unparsed:
+      lines.append(f'  {split}: {len(unparsed)} metadata cells not parsed, stored as unknown')
+      lines += [f'    {item["source"]}: {item["field"]} {item["value"]!r}: {item["reason"]}'
+                for item in unparsed[:5]]
+      if len(unparsed) > 5:
+        lines.append(f'    ... and {len(unparsed) - 5} more (info.metadata["unparsed"])')
   lines.append(f"Read it with name='{full_name(builder)}', "
                f"data_dir='{data_dir}'.")
   return '\n'.join(lines)
@@ -177,7 +193,7 @@ def main(argv):
   try:
     builder = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _MAX_SIDE.value,
                     _ON_ERROR.value, parse_builder_args(_BUILDER_ARGS.value))
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a full disk, ...
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   print(summary(builder, _DATA_DIR.value))

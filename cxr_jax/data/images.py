@@ -24,6 +24,7 @@ This module does not import TensorFlow or TFDS: embedding tools use it directly.
 
 import io
 import os
+import struct
 from typing import Union
 
 import cv2
@@ -74,17 +75,35 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
 # --- PNG and JPEG --------------------------------------------------------------------
 
 
-def _to_gray(image: np.ndarray, channel_order: str) -> np.ndarray:
+# JPEG codes colour as luma plus subsampled chroma, so a gray film saved as a colour
+# JPEG comes back with channels a few levels apart; a PNG is lossless and must match.
+JPEG_CHANNEL_TOLERANCE = 8
+
+
+def _to_gray(image: np.ndarray, path: str, kind: str, tolerance: int = 0) -> np.ndarray:
+  """A gray film, also one stored as RGB(A) with equal channels; colour is refused.
+
+  Converting a colour image to luma would train or embed something no X-ray detector
+  produced (annotations, photographs of films), so unequal channels are an error.
+  """
   if image.ndim == 2:
     return image
   if image.shape[2] == 1:
     return image[..., 0]
   if image.shape[2] == 2:  # Gray + alpha: the alpha channel carries no anatomy.
     return np.ascontiguousarray(image[..., 0])
-  code = {('BGR', 3): cv2.COLOR_BGR2GRAY, ('BGR', 4): cv2.COLOR_BGRA2GRAY,
-          ('RGB', 3): cv2.COLOR_RGB2GRAY, ('RGB', 4): cv2.COLOR_RGBA2GRAY}[
-              channel_order, image.shape[2]]
-  return cv2.cvtColor(image, code)
+  colour = image[..., :3].astype(np.int32)  # The alpha channel carries no anatomy.
+  difference = int(max(np.abs(colour[..., 1] - colour[..., 0]).max(),
+                       np.abs(colour[..., 2] - colour[..., 0]).max()))
+  if difference > tolerance:
+    raise ImageError(
+        f'{path}: a colour {kind} (its channels differ by up to {difference} levels); '
+        'chest X-rays are grayscale. A gray film stored as RGB is read when its channels '
+        f'are equal{f" (to within {tolerance} levels for JPEG)" if tolerance else ""}; '
+        'convert a colour file to gray yourself if that is what you mean.')
+  if not tolerance:
+    return np.ascontiguousarray(image[..., 0])
+  return np.rint(colour.mean(axis=-1)).astype(image.dtype)
 
 
 def _decode_png(data: bytes, path: str) -> np.ndarray:
@@ -93,7 +112,7 @@ def _decode_png(data: bytes, path: str) -> np.ndarray:
   image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if image is None:
     raise ImageError(f'{path}: truncated or corrupt PNG (the decoder rejected it)')
-  return _to_gray(image, 'BGR')
+  return _to_gray(image, path, 'PNG')
 
 
 def _decode_jpeg(data: bytes, path: str) -> np.ndarray:
@@ -108,7 +127,7 @@ def _decode_jpeg(data: bytes, path: str) -> np.ndarray:
       image = np.asarray(pil)
   except (OSError, ValueError, SyntaxError) as e:
     raise ImageError(f'{path}: truncated or corrupt JPEG ({e})') from None
-  return _to_gray(image, 'RGB')
+  return _to_gray(image, path, 'JPEG', JPEG_CHANNEL_TOLERANCE)
 
 
 # --- DICOM ---------------------------------------------------------------------------
@@ -119,15 +138,24 @@ def _decode_dicom(data: bytes, path: str, force: bool) -> np.ndarray:
   try:
     ds = pydicom.dcmread(io.BytesIO(data), force=force)
   except Exception as e:  # pydicom raises many types for broken headers.
+    if isinstance(e, (struct.error, EOFError)):  # It ran out of bytes mid-element.
+      raise ImageError(f'{path}: truncated DICOM file: it ends inside an element\'s header '
+                       f'({type(e).__name__}: {e})') from None
     raise ImageError(f'{path}: not a readable DICOM file ({type(e).__name__}: {e})') from None
   if 'PixelData' not in ds:
     if PIXEL_DATA_TAG_BYTES in data:
       # pydicom drops an encapsulated Pixel Data element whose end is missing.
       raise ImageError(f'{path}: truncated or corrupt pixel data: the file ends inside '
                        'the Pixel Data element')
+    truncated = _truncated_header(ds, data)
+    if truncated:
+      raise ImageError(f'{path}: truncated DICOM header: {truncated}, before any Pixel Data '
+                       '(the file was cut short, e.g. by an interrupted copy)')
     other = [k for k in ('FloatPixelData', 'DoubleFloatPixelData') if k in ds]
     raise ImageError(f'{path}: DICOM file has no integer Pixel Data'
-                     + (f' (it has {other[0]}, which is not supported)' if other else ''))
+                     + (f' (it has {other[0]}, which is not supported)' if other else
+                        ' (its last element is whole, so it was either written without '
+                        'an image or cut exactly at an element boundary)'))
   frames = int(ds.get('NumberOfFrames', 1) or 1)
   if frames > 1:
     raise ImageError(f'{path}: multi-frame DICOM ({frames} frames) is not supported; '
@@ -150,6 +178,44 @@ def _decode_dicom(data: bytes, path: str, force: bool) -> np.ndarray:
   if stored.ndim != 2:
     raise ImageError(f'{path}: expected a single 2-D frame, pixel data has shape {stored.shape}')
   return render_dicom(stored, ds, path)
+
+
+def _truncated_header(ds, data: bytes) -> str:
+  """Where a DICOM file was cut inside its header, or '' when its elements are whole.
+
+  pydicom stops quietly at the end of the data, keeping whatever it had parsed, so a
+  cut is found by comparing the lengths the elements declare with the bytes present.
+  """
+  size = len(data)
+  meta = getattr(ds, 'file_meta', None)
+  meta_end = None
+  if data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC:
+    group_length = meta.get('FileMetaInformationGroupLength') if meta is not None else None
+    if not isinstance(group_length, int) or size < DICOM_MAGIC_OFFSET + 4 + 12:
+      return 'the file ends inside its File Meta Information'
+    # The group length counts the bytes after its own 12-byte element.
+    meta_end = DICOM_MAGIC_OFFSET + 4 + 12 + group_length
+    if size < meta_end:
+      return (f'the file ends inside its File Meta Information ({size} of its '
+              f'{meta_end} bytes)')
+  end, last, undefined = meta_end, None, False
+  for tag in ds.keys():
+    element = ds._dict[tag]  # pylint: disable=protected-access  Raw: its offsets are kept.
+    tell, length = getattr(element, 'value_tell', None), getattr(element, 'length', None)
+    if tell is None or length is None:
+      continue
+    if length == 0xFFFFFFFF:  # A sequence of undefined length: its end is not declared.
+      undefined = True
+      continue
+    if tell + length > size:
+      return (f'the file ends inside element {tag} ({size - tell} of its {length} value '
+              'bytes present)')
+    if end is None or tell + length >= end:
+      end, last = tell + length, tag
+  if end is not None and end < size and not undefined:
+    after = f'element {last}' if last is not None else 'the File Meta Information'
+    return f'the file ends inside an incomplete element after {after}'
+  return ''
 
 
 def _transfer_syntax(ds):

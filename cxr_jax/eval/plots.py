@@ -8,21 +8,21 @@ the directory, and returns the Figure (notebooks can display it) or, for t-SNE,
 the coordinates it computed.
 """
 
-import os
 from typing import Mapping, Optional, Sequence, Tuple
 
 import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
 
+from cxr_jax import files
 from cxr_jax.eval import efficiency
 
 _DPI = 120
 
 
 def _save(figure: Figure, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=_DPI, format='png', bbox_inches='tight')
+  with files.write_atomically(path, 'wb') as f:
+    figure.savefig(f, dpi=_DPI, format='png', bbox_inches='tight')
 
 
 def plot_data_efficiency(curves: Mapping[str, Sequence[Mapping]], path: str, *,

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from cxr_jax import files
+
 Columns = Optional[Union[Sequence[str], Mapping[str, str]]]
 
 
@@ -39,15 +41,9 @@ def to_builtin(value: Any) -> Any:
   raise TypeError(f'Cannot write a {type(value).__name__} ({value!r}) as JSON.')
 
 
-def _make_parent(path: str) -> None:
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-
-
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON; NaN/inf become null (JSON has no NaN)."""
-  _make_parent(path)
-  with open(path, 'w') as f:
+  with files.write_atomically(path) as f:
     json.dump(to_builtin(obj), f, indent=2, allow_nan=False)
     f.write('\n')
 
@@ -83,8 +79,7 @@ def write_csv(path: str, rows: Sequence[Mapping], columns: Columns = None) -> No
   is an empty cell.
   """
   names = _column_names(rows, columns)
-  _make_parent(path)
-  with open(path, 'w', newline='') as f:
+  with files.write_atomically(path, newline='') as f:
     writer = csv.writer(f)
     writer.writerow(list(names.values()))
     for row in rows:
@@ -159,6 +154,5 @@ class Report:
     return '\n\n'.join(self._blocks) + '\n'
 
   def write(self, path: str) -> None:
-    _make_parent(path)
-    with open(path, 'w') as f:
+    with files.write_atomically(path) as f:
       f.write(self.markdown())

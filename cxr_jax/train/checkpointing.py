@@ -14,8 +14,10 @@ and anything that starts from a run (a later stage, LP-FT's fine-tuning) refuses
 without it (`require_complete`).
 """
 
+import contextlib
 import json
 import os
+import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import grain.python as grain
@@ -23,15 +25,29 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cxr_jax import files
+
 
 class Checkpointer:
+  """Saves and restores a run's checkpoints in `directory`.
+
+  A save that fails (a full disk: an OSError, raised by the next call when saving is
+  asynchronous) removes its partial step directory and raises OSError (same errno)
+  naming the directory, the step and the cause; the checkpoints before it are kept,
+  so re-running resumes from the latest of them. Partial steps of a process killed
+  while saving are removed when the next Checkpointer opens the directory.
+  """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str = '',
                best_mode: str = 'max', asynchronous: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._saving: Optional[int] = None
+    self._failed = False
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
         best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
-        best_mode=best_mode, keep_checkpoints_without_metrics=True)
+        best_mode=best_mode, keep_checkpoints_without_metrics=True,
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -48,7 +64,37 @@ class Checkpointer:
       items['data'] = grain.PyGrainCheckpointSave(data_iterator)
     if config is not None:
       items['config'] = ocp.args.JsonSave(config.to_dict())
-    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    # A failed asynchronous save surfaces at the next call: waiting first names its step.
+    self.wait()
+    self._saving = step
+    with self._reporting_failures():
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  @contextlib.contextmanager
+  def _reporting_failures(self):
+    try:
+      yield
+    except OSError as e:
+      step, self._saving, self._failed = self._saving, None, True
+      try:  # Let the failed save's other writer threads end before removing its files.
+        self.manager.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except  The same failure, reported below.
+        pass
+      self._remove_partial_steps()
+      kept = [s for s in self.manager.all_steps(read=True)] if os.path.isdir(
+          self.directory) else []
+      raise files.failure(
+          f'checkpoint{f" step {step}" if step is not None else ""} in {self.directory}'
+          f'{f" ({e.filename})" if e.filename else ""}', e,
+          'Its partial files were removed; the checkpoints before it are kept (latest: '
+          f'{max(kept) if kept else "none"}) and re-running resumes from there') from e
+
+  def _remove_partial_steps(self) -> None:
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if '.orbax-checkpoint-tmp' in name:  # Orbax's name for a step not yet committed.
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore(self, abstract_state: Any, data_iterator=None, step: Optional[int] = None):
     """The state at `step` (default latest); also rewinds `data_iterator` if given."""
@@ -60,10 +106,21 @@ class Checkpointer:
     return restored['state']
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._reporting_failures():
+      self.manager.wait_until_finished()
+    self._saving = None
 
   def close(self) -> None:
-    self.manager.close()
+    if self._failed:  # Reported already; closing would raise the same error again.
+      try:
+        self.manager.close()
+      except OSError:
+        pass
+      # Writer threads of the failed save may have gone on after the first clean-up.
+      self._remove_partial_steps()
+      return
+    with self._reporting_failures():
+      self.manager.close()
 
 
 def read_checkpoint(workdir: str, step: Optional[int] = None, best: bool = False

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from cxr_jax import embed
+from cxr_jax import files
 from cxr_jax import inference
 from cxr_jax import probe as probe_lib
 from cxr_jax.data import labels as labels_lib
@@ -465,7 +466,11 @@ class Study:
                               self.config.networks[network], '--output', output],
                              stdout=log, stderr=subprocess.STDOUT)
     if code:
-      raise RuntimeError(f'Exporting {network} failed; see {log_path}.')
+      with open(log_path) as log:  # Its last line is the cause (a full disk, say).
+        lines = [line.strip() for line in log if line.strip()]
+      raise RuntimeError(f'Exporting {network} failed: {lines[-1] if lines else "no output"} '
+                         f'(the whole log is {log_path}). Nothing of the export was left '
+                         'behind; re-running the study exports again.')
     return output
 
   def write_report(self, summary, figures, exported, truth, separation):
@@ -546,7 +551,7 @@ class Study:
     if external:
       values['external'] = {s.key: claim_values(summary, budgets, test_set=s.key,
                                                 cxr=config.cxr_network) for s in external}
-    with open(os.path.join(self.workdir, 'claims.json'), 'w') as f:
+    with files.write_atomically(os.path.join(self.workdir, 'claims.json')) as f:
       json.dump(values, f, indent=2)
 
 

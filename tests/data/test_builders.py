@@ -757,3 +757,113 @@ def test_cli_builds_and_reports(tmp_path):
   result = subprocess.run(command[:3] + ['nih_cxr14/nope', f'--data_dir={tmp_path}'], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1 and "nih_cxr14 has no config 'nope'" in result.stderr
+
+
+# --- hospital files as they come: encodings, free-text metadata -----------------------
+
+
+def test_manifest_in_cp1252_needs_its_encoding_and_names_the_line(tmp_path):
+  rows = [MANIFEST_ROWS[0], MANIFEST_ROWS[1][:9] + ('Pleural effusion – small, “right”.',)]
+  root = make_manifest(tmp_path / 'hospital_a', rows=rows)
+  csv_path = os.path.join(root, 'labels.csv')
+  text_cells = open(csv_path, encoding='utf-8').read()
+  with open(csv_path, 'w', encoding='cp1252', newline='') as f:  # As Excel saves it.
+    f.write(text_cells)
+  with pytest.raises(ValueError, match=r'labels.csv, line 3: cannot be decoded as utf-8.*'
+                     r'"encoding": "cp1252"'):
+    build('cxr_manifest', tmp_path / 'tfds', root)
+  with open(os.path.join(root, 'manifest.json'), 'w') as f:
+    json.dump(dict(MANIFEST_SPEC, encoding='cp1252'), f)
+  builder = build('cxr_manifest', tmp_path / 'tfds', root)
+  records = by_id(read_split(builder, 'train'))
+  assert text(records['jpg/a2.jpg']['report']) == 'Pleural effusion – small, “right”.'
+  with open(os.path.join(root, 'manifest.json'), 'w') as f:
+    json.dump(dict(MANIFEST_SPEC, name='other', encoding='klingon'), f)
+  with pytest.raises(ValueError, match=r'"encoding" is .klingon., not an encoding'):
+    build('cxr_manifest', tmp_path / 'tfds', root)
+
+
+AGE_VIEW_ROWS = [  # file, age cell, view cell -> stored age, stored view, listed fields
+    ('png/a.png', '50+', 'AP erect', -1, 'UNKNOWN', ['age', 'view']),
+    ('png/b.png', 'early 40s', 'pa', -1, 'PA', ['age']),
+    ('png/c.png', 'abc', 'LL', -1, 'LATERAL', ['age']),
+    ('png/d.png', '0', 'AP', -1, 'AP', ['age']),  # A bare 0 is how exports write "missing".
+    ('png/e.png', '000Y', 'Ap', 0, 'AP', []),  # A newborn, deliberately: stored as 0.
+    ('png/f.png', '006M', 'AP supine', 0, 'AP', []),  # Mapped by "view_values".
+    ('png/g.png', '047Y', '', 47, 'UNKNOWN', []),
+    ('png/h.png', '155', 'lateral', -1, 'LATERAL', ['age']),
+    ('png/i.png', '', 'oblique', -1, 'UNKNOWN', ['view']),
+]
+
+
+def test_manifest_unparseable_age_and_view_are_listed_not_coerced(tmp_path):
+  rows = [(file, f'MRN{i}', f'ACC{i}', 'F', age, view, 'train', '1', '0', '')
+          for i, (file, age, view, *_) in enumerate(AGE_VIEW_ROWS)]
+  root = make_manifest(tmp_path / 'hospital_a',
+                       dict(MANIFEST_SPEC, view_values={'AP supine': 'AP'}), rows)
+  builder = build('cxr_manifest', tmp_path / 'tfds', root)
+  records = by_id(read_split(builder, 'train'))
+  listed = builder.info.metadata['unparsed']['train']
+  for line, (file, age, view, want_age, want_view, fields) in enumerate(AGE_VIEW_ROWS, 2):
+    assert (records[file]['age'], text(records[file]['view'])) == (want_age, want_view), file
+    mine = [item for item in listed if f'({file})' in item['source']]
+    assert [item['field'] for item in mine] == fields, (file, mine)
+    for item in mine:
+      assert item['source'].endswith(f'labels.csv line {line} ({file})')
+      assert item['value'] == {'age': age, 'view': view}[item['field']] and item['reason']
+  assert len(listed) == 7
+  summary = build_lib.summary(builder, str(tmp_path / 'tfds'))
+  assert 'train: 7 metadata cells not parsed, stored as unknown' in summary
+  assert "age '50+': not a number of years" in summary
+  # The metadata survives reopening the prepared dataset.
+  assert len(reopened(builder).info.metadata['unparsed']['train']) == 7
+
+
+def test_chexpert_train_and_valid_must_be_patient_disjoint(tmp_path):
+  root = make_chexpert(tmp_path)
+  with open(os.path.join(root, 'valid.csv'), 'a', newline='') as f:
+    row = {'Path': 'CheXpert-v1.0-small/valid/patient00002/study9/view1_frontal.jpg',
+           'Sex': 'Male', 'Age': '87', 'Frontal/Lateral': 'Frontal', 'AP/PA': 'PA'}
+    csv.writer(f).writerow([row.get(c, '') for c in CHEXPERT_HEADER])
+  write_jpeg(os.path.join(root, 'valid', 'patient00002/study9/view1_frontal.jpg'))
+  with pytest.raises(ValueError, match=r'train.csv and .*valid.csv share 1 patients '
+                     r'\(e.g. patient00002\); a patient in both splits leaks'):
+    build('cxr_chexpert/small', tmp_path / 'tfds', root)
+
+
+def test_chexpert_age_zero_is_listed_as_unknown(tmp_path):
+  rows = [CHEXPERT_TRAIN[0], ('patient00009/study1/view1_frontal.jpg', 'Male', '0', 'Frontal',
+                              'AP', {})]
+  root = make_chexpert(tmp_path, bad_rows=rows[1:])
+  builder = build('cxr_chexpert/small', tmp_path / 'tfds', root)
+  records = by_id(read_split(builder, 'train'))
+  key = 'CheXpert-v1.0-small/train/patient00009/study1/view1_frontal.jpg'
+  assert records[key]['age'] == -1
+  assert [item['value'] for item in builder.info.metadata['unparsed']['train']] == ['0']
+
+
+def test_nih_google_relabels_under_bucket_names_take_metadata_from_v2020(tmp_path):
+  """Google's bucket layout, label files carrying 2017 columns (one age 155), and
+  Data_Entry_2017_v2020.csv beside them: the table's metadata wins."""
+  root = make_nih(tmp_path / 'nih')
+  a, b, _, test = nih_patients()
+  os.rename(os.path.join(root, 'Data_Entry_2017.csv'),
+            os.path.join(root, 'Data_Entry_2017_v2020.csv'))
+  header = ['Image Index', 'Follow-up #', 'Patient ID', 'Patient Age', 'Patient Gender',
+            'View Position', 'Fracture', 'Pneumothorax', 'Airspace opacity', 'Nodule or mass']
+  folder = os.path.join(root, 'four_findings_expert_labels')
+  # Stale copies: ages 155 and 12, sex and view swapped.
+  write_csv(os.path.join(folder, 'validation_labels.csv'), header,
+            [[f'{a:08d}_000.png', 0, a, '155', 'F', 'AP', 'NO', 'NO', 'YES', 'NO'],
+             [f'{b:08d}_000.png', 0, b, '12', 'M', 'AP', 'NO', 'NO', 'NO', 'NO']])
+  write_csv(os.path.join(folder, 'test_labels.csv'), header,
+            [[f'{test:08d}_000.png', 0, test, '155', 'F', 'PA', 'NO', 'YES', 'NO', 'NO']])
+  builder = build('nih_cxr14/google_expert', tmp_path / 'tfds', root)
+  validation = by_id(read_split(builder, 'validation'))
+  first = validation[f'{a:08d}_000.png']
+  assert (first['age'], text(first['sex']), text(first['view'])) == (58, 'M', 'PA')
+  assert validation[f'{b:08d}_000.png']['age'] == 45  # '045Y' in the table.
+  np.testing.assert_array_equal(first['labels'], [0, 0, 1, 0])
+  only = by_id(read_split(builder, 'test'))[f'{test:08d}_000.png']
+  assert (only['age'], text(only['sex']), text(only['view'])) == (70, 'M', 'AP')
+  assert builder.info.metadata['unparsed'] == {'validation': [], 'test': []}

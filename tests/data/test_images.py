@@ -62,6 +62,16 @@ def test_png_colour_becomes_gray(tmp_path, dtype):
   np.testing.assert_allclose(out.astype(float), gray.astype(float), atol=1)
 
 
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
+def test_colour_png_is_refused_not_turned_into_gray(tmp_path, dtype):
+  # A gray film stored as RGB reads exactly (test above); real colour is not an X-ray.
+  gray = ramp(8 * np.dtype(dtype).itemsize, dtype)
+  colour = np.stack([gray, gray, gray], axis=-1)
+  colour[HEIGHT // 2, WIDTH // 2, 2] ^= 1  # One level in one pixel's channel.
+  assert_error(write_png(tmp_path / 'colour.png', colour), 'colour.png', 'a colour PNG',
+               'differ by up to 1 levels')
+
+
 def test_jpeg_gray_and_colour(tmp_path):
   smooth = cv2.GaussianBlur(ramp(8, np.uint8), (5, 5), 2)
   out = images.read_image(write_jpeg(tmp_path / 'x.jpg', smooth))
@@ -70,6 +80,12 @@ def test_jpeg_gray_and_colour(tmp_path):
   out = images.read_image(write_jpeg(tmp_path / 'y.jpeg', np.stack([smooth] * 3, axis=-1)))
   assert out.dtype == np.uint8 and out.shape == (HEIGHT, WIDTH)
   assert np.abs(out.astype(int) - smooth).mean() < 3
+
+
+def test_colour_jpeg_is_refused(tmp_path):
+  smooth = cv2.GaussianBlur(ramp(8, np.uint8), (5, 5), 2)
+  red = np.stack([smooth, smooth // 2, smooth // 2], axis=-1)
+  assert_error(write_jpeg(tmp_path / 'red.jpg', red), 'red.jpg', 'a colour JPEG')
 
 
 def test_format_comes_from_content_not_extension(tmp_path):
@@ -421,6 +437,25 @@ def test_truncated_dicom(tmp_path):
   header_only = tmp_path / 'header.dcm'
   header_only.write_bytes(data[:200])
   assert_error(header_only, 'dicom')
+
+
+@pytest.mark.filterwarnings('ignore:Invalid value for VR')
+def test_dicom_cut_inside_its_header_says_the_header_is_truncated(tmp_path):
+  data = open(save(make_dicom(ramp(12), bits_stored=12, PatientName='Doe^Jane',
+                              WindowCenter=2048, WindowWidth=4096), tmp_path / 'x.dcm'),
+              'rb').read()
+  pixels_at = data.index(images.PIXEL_DATA_TAG_BYTES)
+  meta_end = data.index(b'\x08\x00')  # The first element after the meta group (0008,....).
+  rng = np.random.default_rng(9)
+  # Inside the meta information, inside a data element's value, and inside Pixel Data's
+  # tag (a cut after it is inside the Pixel Data element: test_truncated_dicom).
+  cuts = [150, int(rng.integers(meta_end + 10, pixels_at - 20)), pixels_at - 3,
+          pixels_at + 2]
+  for cut in cuts:
+    path = tmp_path / f'cut_{cut}.dcm'
+    path.write_bytes(data[:cut])
+    message = assert_error(path, 'truncated DICOM')
+    assert 'no integer Pixel Data' not in message, (cut, message)
 
 
 def test_corrupt_compressed_dicom(tmp_path):

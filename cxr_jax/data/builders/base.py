@@ -15,10 +15,12 @@ files unless told otherwise, because training reads them by random access.
 """
 
 import abc
+import codecs
 import csv
 import dataclasses
 import gzip
 import os
+import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from absl import logging
@@ -49,39 +51,102 @@ class Record:
   view: str = 'UNKNOWN'
   site: str = ''
   report: str = ''
+  # Metadata cells that could not be parsed and were stored as unknown, each
+  # {'source': file and line, 'field': ..., 'value': the cell, 'reason': ...}.
+  unparsed: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+
+
+MAX_AGE = 120  # Older is a typing error (NIH's 2017 table has ages up to 414).
+
+
+def parse_age(text: str) -> Tuple[int, str]:
+  """(age in whole years, '') or (-1, why the cell is not an age); blank is -1, ''.
+
+  A number of years ('47', '47.5') or a DICOM age string ('047Y', '006M', '010W',
+  '003D'). A bare '0' is not taken as an age: exports write 0 where the age is
+  missing, so it is reported and stored as unknown; a newborn's age is written with
+  its unit ('000Y', '003M'), which is deliberate and stored as 0. Ages above 120 are
+  reported as implausible. Nothing is guessed from text like '50+' or 'early 40s'.
+  """
+  text = (text or '').strip()
+  if not text:
+    return -1, ''
+  match = re.fullmatch(r'(\d{1,3})([DWMY])', text.upper())
+  if match:
+    per_year = {'D': 365.25, 'W': 52.18, 'M': 12, 'Y': 1}[match.group(2)]
+    years = int(int(match.group(1)) / per_year)
+  elif re.fullmatch(r'\d+(\.\d+)?', text):
+    years = int(float(text))
+    if float(text) == 0:
+      return -1, ('0 is read as a missing age (exports write 0 for one); write a newborn\'s '
+                  "age with its unit, e.g. '000Y' or '003M'")
+  else:
+    return -1, 'not a number of years or a DICOM age string like 047Y'
+  if years > MAX_AGE:
+    return -1, f'implausible age (over {MAX_AGE} years)'
+  return years, ''
 
 
 class RecordError(ValueError):
   """A bad record; the message names the file and what is wrong."""
 
 
-def _open_csv(path: str):
+DEFAULT_ENCODING = 'utf-8'
+
+
+def _python_encoding(encoding: str) -> str:
+  # UTF-8 files from Excel start with a byte-order mark; utf-8-sig reads both kinds.
+  return 'utf-8-sig' if codecs.lookup(encoding).name == 'utf-8' else encoding
+
+
+def _open_csv(path: str, encoding: str = DEFAULT_ENCODING):
   opener = gzip.open if path.endswith('.gz') else open
-  return opener(path, 'rt', newline='', encoding='utf-8-sig')
+  return opener(path, 'rt', newline='', encoding=_python_encoding(encoding))
 
 
-def read_csv_header(path) -> List[str]:
+def _undecodable(path: str, encoding: str, error: UnicodeDecodeError) -> ValueError:
+  """The error for a CSV that is not in `encoding`, naming the first line that fails."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    for number, line in enumerate(f, start=1):
+      try:
+        line.decode(_python_encoding(encoding))
+      except UnicodeDecodeError as e:
+        return ValueError(
+            f'{path}, line {number}: cannot be decoded as {encoding} (byte '
+            f'{line[e.start:e.start + 1]!r} at column {e.start + 1}: {e.reason}). Say how '
+            'the file is encoded, e.g. "encoding": "cp1252" in manifest.json for a CSV '
+            'saved by Excel on Windows.')
+  return ValueError(f'{path}: cannot be decoded as {encoding} ({error}).')
+
+
+def read_csv_header(path, encoding: str = DEFAULT_ENCODING) -> List[str]:
   """The CSV's column names, stripped (as `read_csv` matches them)."""
   path = os.fspath(path)
   try:
-    with _open_csv(path) as f:
+    with _open_csv(path, encoding) as f:
       return [name.strip() for name in next(csv.reader(f), [])]
   except FileNotFoundError:
     raise FileNotFoundError(f'{path}: CSV file not found.') from None
-  except (UnicodeDecodeError, csv.Error, gzip.BadGzipFile, EOFError) as e:
+  except UnicodeDecodeError as e:
+    raise _undecodable(path, encoding, e) from None
+  except (csv.Error, gzip.BadGzipFile, EOFError) as e:
     raise ValueError(f'{path}: unreadable CSV ({e}).') from None
 
 
 def read_csv(path, required_columns: Sequence[str] = (),
-             keep: Optional[Sequence[str]] = None) -> List[Dict[str, str]]:
+             keep: Optional[Sequence[str]] = None,
+             encoding: str = DEFAULT_ENCODING) -> List[Dict[str, str]]:
   """A CSV (plain or .gz) as a list of row dicts; a missing file or column names the CSV.
 
   `keep` limits each row to those columns (when present), which matters for the
-  hundreds of thousands of rows of MIMIC-CXR's tables.
+  hundreds of thousands of rows of MIMIC-CXR's tables. `encoding` is the file's text
+  encoding (UTF-8, with or without a byte-order mark, by default); a byte that does not
+  decode is an error naming the line.
   """
   path = os.fspath(path)
   try:
-    with _open_csv(path) as f:
+    with _open_csv(path, encoding) as f:
       reader = csv.DictReader(f)
       header = [name.strip() for name in (reader.fieldnames or [])]
       missing = [c for c in required_columns if c not in header]
@@ -95,7 +160,9 @@ def read_csv(path, required_columns: Sequence[str] = (),
       return [{c: row[c] for c in kept} for row in reader]
   except FileNotFoundError:
     raise FileNotFoundError(f'{path}: CSV file not found.') from None
-  except (UnicodeDecodeError, csv.Error, gzip.BadGzipFile, EOFError) as e:
+  except UnicodeDecodeError as e:
+    raise _undecodable(path, encoding, e) from None
+  except (csv.Error, gzip.BadGzipFile, EOFError) as e:
     raise ValueError(f'{path}: unreadable CSV ({e}).') from None
 
 
@@ -160,7 +227,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             'image_id': text, 'patient_id': text, 'study_id': text, 'sex': text,
             'age': np.int32, 'view': text, 'site': text, 'report': text,
         }),
-        metadata=tfds.core.MetadataDict(findings=list(findings), skipped={},
+        metadata=tfds.core.MetadataDict(findings=list(findings), skipped={}, unparsed={},
                                         max_side=self.builder_config.max_side),
         supervised_keys=None,
     )
@@ -188,6 +255,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str, manual_dir):
     skipped: List[Dict[str, str]] = []
+    unparsed: List[Dict[str, str]] = []
     num_findings = len(self._findings())
     written = 0
     for record in self._records(split, manual_dir):
@@ -205,6 +273,7 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         continue
       image = resize_max_side(image, self.builder_config.max_side)[..., None]
       written += 1
+      unparsed.extend(record.unparsed)
       yield record.key, {
           'image': image, 'labels': labels, 'image_id': record.key,
           'patient_id': record.patient_id, 'study_id': record.study_id, 'sex': record.sex,
@@ -220,6 +289,10 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       logging.warning('%s/%s: skipped %d records (on_error=skip): %s', self.name, split,
                       len(skipped), skipped[:20])
     self.info.metadata['skipped'][split] = skipped
+    if unparsed:
+      logging.warning('%s/%s: %d metadata cells could not be parsed and are stored as '
+                      'unknown: %s', self.name, split, len(unparsed), unparsed[:20])
+    self.info.metadata['unparsed'][split] = unparsed
 
   def _on_bad_record(self, error: Exception, source: str, skipped):
     if self.on_error == 'raise':

@@ -17,7 +17,7 @@ blank unmentioned (`labels.UNMENTIONED`). Splits: `train` and `validation`
 
 import dataclasses
 import os
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -39,14 +39,6 @@ def view_of(frontal_lateral: str, ap_pa: str) -> str:
     projection = ap_pa.strip().upper()
     return projection if projection in ('AP', 'PA') else 'FRONTAL'
   return 'UNKNOWN'
-
-
-def parse_age(text: str) -> int:
-  text = (text or '').strip()
-  try:
-    return int(float(text)) if text else -1
-  except ValueError:
-    return -1
 
 
 @dataclasses.dataclass
@@ -77,6 +69,13 @@ class PathResolver:
     return candidates[0]  # Reading it then fails with 'file not found' naming this path.
 
 
+def patient_and_study(relative: str) -> Tuple[str, str]:
+  """(patient, study) of '.../<patient>/<study>/<view>.jpg'; study numbers restart for
+  every patient. ('', '') for a path without those parts."""
+  parts = relative.split('/')
+  return (parts[-3], parts[-2]) if len(parts) >= 3 else ('', '')
+
+
 class CxrChexpert(base.CxrBuilder):
   """CheXpert chest radiographs with the CheXpert labeler's 14 observations."""
 
@@ -101,6 +100,7 @@ class CxrChexpert(base.CxrBuilder):
 
   def _records(self, split: str, manual_dir) -> Iterator[Union[base.Record, base.RecordError]]:
     manual_dir = os.fspath(manual_dir)
+    self._check_patient_disjoint(manual_dir)
     csv_path = os.path.join(manual_dir, SPLIT_CSVS[split])
     rows = base.read_csv(csv_path, (PATH, SEX, AGE, FRONTAL_LATERAL, AP_PA) + self.FINDINGS)
     self._check_release(csv_path, rows)
@@ -114,14 +114,40 @@ class CxrChexpert(base.CxrBuilder):
       except ValueError as e:
         yield base.RecordError(str(e))
         continue
-      parts = relative.split('/')
-      # .../<patient>/<study>/<view>.jpg; study numbers restart for every patient.
-      patient, study = (parts[-3], parts[-2]) if len(parts) >= 3 else ('', '')
+      patient, study = patient_and_study(relative)
+      # Stored as unknown and listed: CheXpert writes Age 0 for a few patients whose
+      # age is missing (adults in an adult hospital).
+      age, problem = base.parse_age(row[AGE])
+      unparsed = [{'source': f'{csv_path} line {line} ({relative})', 'field': 'age',
+                   'value': row[AGE].strip(), 'reason': problem}] if problem else []
       yield base.Record(
           key=relative, labels=codes, image_path=resolve(relative), patient_id=patient,
           study_id=f'{patient}/{study}' if patient else '',
-          sex=SEXES.get(row[SEX].strip().lower(), 'U'), age=parse_age(row[AGE]),
-          view=view_of(row[FRONTAL_LATERAL], row[AP_PA]), site='stanford')
+          sex=SEXES.get(row[SEX].strip().lower(), 'U'), age=age,
+          view=view_of(row[FRONTAL_LATERAL], row[AP_PA]), site='stanford', unparsed=unparsed)
+
+  def _check_patient_disjoint(self, manual_dir: str) -> None:
+    """Raises naming the patients that are in both train.csv and valid.csv.
+
+    The release keeps them apart, but a copy edited or merged by hand may not, and a
+    patient in both would leak between training and validation.
+    """
+    if getattr(self, '_disjoint_checked', False):
+      return
+    patients = {}
+    for split, name in SPLIT_CSVS.items():
+      path = os.path.join(manual_dir, name)
+      rows = base.read_csv(path, (PATH,), keep=(PATH,))
+      patients[split] = {patient_and_study(row[PATH].strip())[0] for row in rows} - {''}
+    (first, a), (second, b) = list(patients.items())[:2]
+    both = sorted(a & b)
+    if both:
+      raise ValueError(
+          f'{os.path.join(manual_dir, SPLIT_CSVS[first])} and '
+          f'{os.path.join(manual_dir, SPLIT_CSVS[second])} share {len(both)} patients '
+          f'(e.g. {", ".join(both[:5])}); a patient in both splits leaks between training '
+          'and validation. Use the release\'s CSVs, or remove those rows from one of them.')
+    self._disjoint_checked = True
 
   def _check_release(self, csv_path: str, rows):
     # Both releases share a layout; building `full` from the small download (or the

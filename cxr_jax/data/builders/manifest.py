@@ -46,13 +46,25 @@ Every key (only `name`, `image_column` and `labels` are usually needed):
                    `info.metadata['labels']`, others {"source": "columns"}.
   devices_abnormal Whether a support device alone makes a mined report abnormal
                    (default false).
+  encoding         The CSV's text encoding. Default "utf-8" (a byte-order mark is
+                   fine); Excel on Windows saves "cp1252". A line that does not decode
+                   is an error naming it.
+  view_values      Extra view spellings, case-insensitive, e.g. {"AP erect": "AP",
+                   "PA upright": "PA"}; values must be PA, AP, LATERAL or UNKNOWN.
   image_bits       8 or 16 (default): how images are stored. DICOMs need 16.
   max_side         Longest stored side in pixels (default 512; --max_side overrides).
   description      Free text, kept in the dataset's info.
 
 The manifest is stored in the dataset's metadata (`info.metadata['manifest']`).
+
+Metadata cells are parsed strictly (`base.parse_age`, `parse_view`): a cell that is not an
+age ('50+', 'early 40s', 'abc', a bare 0, over 120) or a known view ('AP erect'
+without a "view_values" entry) is stored as unknown (-1, 'UNKNOWN') and listed, with
+its file, line, value and reason, in `info.metadata['unparsed'][split]`; the build's
+summary counts them. The image is kept: its labels and pixels are sound.
 """
 
+import codecs
 import dataclasses
 import json
 import os
@@ -72,8 +84,10 @@ SPEC_DEFAULTS: Dict[str, Any] = {
     'labels': [], 'label_values': {}, 'columns': {}, 'site': None, 'split_column': None,
     'split_fractions': None, 'split_salt': None, 'allow_patient_overlap': False,
     'image_bits': 16, 'max_side': 512, 'description': '', 'mine_labels': 'auto',
-    'devices_abnormal': False,
+    'devices_abnormal': False, 'encoding': 'utf-8', 'view_values': {},
 }
+VIEWS = ('PA', 'AP', 'LATERAL')
+VIEW_ALIASES = {'LL': 'LATERAL', 'RL': 'LATERAL', 'LAT': 'LATERAL'}
 MINED_ABNORMAL = 'Abnormal'  # The 15th finding of a mined dataset.
 SPLIT_ALIASES = {'val': 'validation', 'valid': 'validation', 'validate': 'validation',
                  'dev': 'validation', 'training': 'train', 'testing': 'test'}
@@ -137,6 +151,15 @@ def load_spec(path: str) -> Dict[str, Any]:
     fail('mine_labels', 'is true, so labels come from the reports; leave "labels" empty')
   if not isinstance(spec['devices_abnormal'], bool):
     fail('devices_abnormal', 'must be true or false')
+  try:
+    codecs.lookup(str(spec['encoding']))
+  except LookupError:
+    fail('encoding', f'is {spec["encoding"]!r}, not an encoding Python knows (e.g. "utf-8", '
+         '"cp1252", "latin-1")')
+  views = spec['view_values']
+  if not isinstance(views, dict) or any(
+      v not in VIEWS + ('UNKNOWN',) for v in views.values()):
+    fail('view_values', f'must map cell text to one of {list(VIEWS) + ["UNKNOWN"]}')
   if spec['image_bits'] not in (8, 16):
     fail('image_bits', 'must be 8 or 16')
   if not isinstance(spec['max_side'], int) or spec['max_side'] < 1:
@@ -159,16 +182,20 @@ def normalize_sex(text: str) -> str:
   return {'M': 'M', 'MALE': 'M', 'F': 'F', 'FEMALE': 'F'}.get((text or '').strip().upper(), 'U')
 
 
-def normalize_age(text: str) -> int:
-  match = re.match(r'\s*(\d+(\.\d*)?)', text or '')
-  return int(float(match.group(1))) if match else -1
-
-
-def normalize_view(text: str) -> str:
-  view = (text or '').strip().upper()
-  if view in ('LL', 'RL', 'LAT', 'LATERAL'):
-    return 'LATERAL'
-  return view or 'UNKNOWN'
+def parse_view(text: str, extra: Optional[Dict[str, str]] = None) -> Tuple[str, str]:
+  """(view, '') or ('UNKNOWN', why): PA, AP or LATERAL (LL, RL, LAT), case-insensitive,
+  or a spelling the manifest's "view_values" maps; blank is 'UNKNOWN', ''."""
+  view = ' '.join((text or '').split()).upper()
+  extra = {' '.join(str(k).split()).upper(): v for k, v in (extra or {}).items()}
+  if view in extra:
+    return extra[view], ''
+  if not view:
+    return 'UNKNOWN', ''
+  view = VIEW_ALIASES.get(view, view)
+  if view in VIEWS:
+    return view, ''
+  return 'UNKNOWN', (f'not one of {list(VIEWS)} (or LL, RL, LAT); map it with "view_values" '
+                     'in manifest.json, e.g. {"AP erect": "AP"}')
 
 
 class CxrManifest(base.CxrBuilder):
@@ -269,7 +296,7 @@ class CxrManifest(base.CxrBuilder):
     required = [spec['image_column'], *spec['labels'], *columns.values()]
     if spec['split_column']:
       required.append(spec['split_column'])
-    rows = base.read_csv(csv_path, required)
+    rows = base.read_csv(csv_path, required, encoding=spec['encoding'])
     if spec['split_fractions'] and 'patient_id' not in columns:
       raise ValueError(f'{csv_path}: "split_fractions" splits by patient, but there is no '
                        'patient_id column; add one, name it in "columns", or use '
@@ -335,7 +362,7 @@ class CxrManifest(base.CxrBuilder):
   def _metadata_columns(self, csv_path: str) -> Dict[str, str]:
     """Metadata field -> CSV column: those the spec names, plus same-named columns."""
     named = dict(self.builder_config.spec['columns'])
-    header = set(base.read_csv_header(csv_path))
+    header = set(base.read_csv_header(csv_path, self.builder_config.spec['encoding']))
     for field in METADATA_FIELDS:
       if field not in named and field in header:
         named[field] = field
@@ -385,10 +412,19 @@ class CxrManifest(base.CxrBuilder):
     def field(name):
       return (row.get(columns[name]) or '').strip() if name in columns else ''
 
+    unparsed = []
+    age, problem = base.parse_age(field('age'))
+    if problem:
+      unparsed.append({'source': f'{where} ({relative})', 'field': 'age',
+                       'value': field('age'), 'reason': problem})
+    view, problem = parse_view(field('view'), spec['view_values'])
+    if problem:
+      unparsed.append({'source': f'{where} ({relative})', 'field': 'view',
+                       'value': field('view'), 'reason': problem})
     return base.Record(
         key=relative, labels=codes,
         image_path=os.path.join(self._path(spec['image_root']), relative),
         patient_id=field('patient_id'), study_id=field('study_id'),
-        sex=normalize_sex(field('sex')), age=normalize_age(field('age')),
-        view=normalize_view(field('view')), site=field('site') or spec['site'] or spec['name'],
-        report=field('report'))
+        sex=normalize_sex(field('sex')), age=age, view=view,
+        site=field('site') or spec['site'] or spec['name'], report=field('report'),
+        unparsed=unparsed)

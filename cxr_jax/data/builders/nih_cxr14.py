@@ -12,13 +12,19 @@ Configs:
     `labels.patient_split`) into `train` and `validation`.
   * `google_expert`: the radiologist labels of Majkowska et al. (2019) for four
     findings (Fracture, Pneumothorax, Airspace opacity, Nodule or mass; YES/NO),
-    from `four_findings_expert_labels_{validation,test}_labels.csv` in the manual dir
-    or one folder below it. Splits: `validation` and `test`, as released.
+    from `four_findings_expert_labels_{validation,test}_labels.csv` (the NIH box
+    names) or `four_findings_expert_labels/{validation,test}_labels.csv` (Google's
+    bucket) in the manual dir or one folder below it. Splits: `validation` and
+    `test`, as released. When a Data_Entry table is in the manual dir, its patient,
+    age, sex, view and follow-up win over the label files' 2017 copies of them.
+
+Ages are parsed strictly (`base.parse_age`: '58' or '058Y'); one that is not an age
+(the 2017 table's 414, say) is stored as unknown and listed in
+`info.metadata['unparsed']`.
 """
 
 import dataclasses
 import os
-import re
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
@@ -34,7 +40,13 @@ NO_FINDING = 'No Finding'
 SPLIT_LISTS = {'train_val': 'train_val_list.txt', 'test': 'test_list.txt'}
 
 GOOGLE_FINDINGS = ('Fracture', 'Pneumothorax', 'Airspace opacity', 'Nodule or mass')
-GOOGLE_CSV = 'four_findings_expert_labels_{split}_labels.csv'
+# The NIH box folder's flat names, then the names in Google's bucket
+# (gs://gcs-public-data--healthcare-nih-chest-xray-labels/four_findings_expert_labels/).
+GOOGLE_CSVS = ('four_findings_expert_labels_{split}_labels.csv',
+               'four_findings_expert_labels/{split}_labels.csv')
+# Columns the label files repeat from the 2017 Data_Entry table; the table's own (its
+# 2020 revision corrected ages, for one) wins over these copies when it is there.
+ENTRY_COLUMNS = (PATIENT, AGE, SEX, VIEW, FOLLOW_UP)
 GOOGLE_VALUES = {'YES': labels_lib.POSITIVE, 'NO': labels_lib.NEGATIVE,
                  '': labels_lib.UNMENTIONED}
 
@@ -56,15 +68,6 @@ def normalize_patient(text: str) -> str:
   # 'Patient ID' is 1 in one file and 00001 in another; compare them as numbers.
   text = (text or '').strip()
   return str(int(text)) if text.isdigit() else text
-
-
-def parse_age(text: str) -> int:
-  # Data_Entry_2017 has '58'; older copies have '058Y'. Months/days (M/D) are rare.
-  match = re.fullmatch(r'\s*(\d+)\s*([YMD]?)\s*', text or '', re.IGNORECASE)
-  if not match:
-    return -1
-  value, unit = int(match.group(1)), match.group(2).upper()
-  return value if unit in ('', 'Y') else 0
 
 
 def parse_sex(text: str) -> str:
@@ -127,7 +130,9 @@ class NihCxr14(base.CxrBuilder):
   images_*.tar.gz in place) or from Kaggle (nih-chest-xrays/data), and pass the folder
   holding Data_Entry_2017*.csv, train_val_list.txt and test_list.txt as --manual_dir.
   For config `google_expert`, also put four_findings_expert_labels_validation_labels.csv
-  and four_findings_expert_labels_test_labels.csv (from the same NIH box folder) there.
+  and four_findings_expert_labels_test_labels.csv (from the same NIH box folder), or
+  Google's four_findings_expert_labels/ folder with its validation_labels.csv and
+  test_labels.csv, there.
   """
 
   def __init__(self, **kwargs):
@@ -203,11 +208,16 @@ class NihCxr14(base.CxrBuilder):
         continue
       codes = [labels_lib.POSITIVE if f in found else labels_lib.NEGATIVE
                for f in self.FINDINGS]
-      yield self._record(name, codes, row, images, manual_dir)
+      yield self._record(name, codes, row, images, manual_dir, f'{csv_path} line {line}')
 
-  def _record(self, name: str, codes: List[int], row: Dict[str, str], images, manual_dir):
+  def _record(self, name: str, codes: List[int], row: Dict[str, str], images, manual_dir,
+              where: str):
     patient = normalize_patient(row.get(PATIENT, ''))
     follow_up = (row.get(FOLLOW_UP) or '').strip()
+    # Strict: the 2017 table has ages like 414, which the 2020 revision corrected.
+    age, problem = base.parse_age(row.get(AGE, ''))
+    unparsed = [{'source': f'{where} ({name})', 'field': 'age', 'value': row.get(AGE, ''),
+                 'reason': problem}] if problem else []
     return base.Record(
         key=name, labels=codes,
         # A missing image fails when read, with this path in the message.
@@ -215,20 +225,21 @@ class NihCxr14(base.CxrBuilder):
         patient_id=patient,
         # Every image is its own visit; 'Follow-up #' numbers the patient's visits.
         study_id=f'{patient}/{follow_up}' if follow_up else os.path.splitext(name)[0],
-        sex=parse_sex(row.get(SEX, '')), age=parse_age(row.get(AGE, '')),
-        view=parse_view(row.get(VIEW, '')), site='nih')
+        sex=parse_sex(row.get(SEX, '')), age=age, view=parse_view(row.get(VIEW, '')),
+        site='nih', unparsed=unparsed)
 
   def _google_records(self, split: str, manual_dir: str):
-    file_name = GOOGLE_CSV.format(split=split)
-    csv_path = find_nearby(manual_dir, file_name)
+    names = [name.format(split=split) for name in GOOGLE_CSVS]
+    csv_path = next(filter(None, (find_nearby(manual_dir, n) for n in names)), None)
     if csv_path is None:
-      raise FileNotFoundError(f'{manual_dir}: no {file_name} (in it or one folder below).')
+      raise FileNotFoundError(f'{manual_dir}: no {" or ".join(names)} (in it or one folder '
+                              'below).')
     rows = base.read_csv(csv_path, (IMAGE, PATIENT) + GOOGLE_FINDINGS)
     entries = {}
     for entry_csv in DATA_ENTRY_CSVS:  # Optional: age, sex and view for the same images.
       if os.path.exists(os.path.join(manual_dir, entry_csv)):
-        entries = {r[IMAGE].strip(): r for r in base.read_csv(
-            os.path.join(manual_dir, entry_csv), (IMAGE,))}
+        entries = {r[IMAGE].strip(): {k: v for k, v in r.items() if k in ENTRY_COLUMNS}
+                   for r in base.read_csv(os.path.join(manual_dir, entry_csv), (IMAGE,))}
         break
     images = self._images(manual_dir)
     for line, row in enumerate(rows, start=2):
@@ -239,4 +250,6 @@ class NihCxr14(base.CxrBuilder):
       except ValueError as e:
         yield base.RecordError(str(e))
         continue
-      yield self._record(name, codes, {**entries.get(name, {}), **row}, images, manual_dir)
+      # The label file's copies of the metadata are from 2017; the table's win.
+      yield self._record(name, codes, {**row, **entries.get(name, {})}, images, manual_dir,
+                         f'{csv_path} line {line}')
