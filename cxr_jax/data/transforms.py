@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
+from cxr_jax.data import images
 from cxr_jax.registry import Registry
 
 Example = Dict[str, Any]
@@ -171,9 +172,11 @@ def _dtype_range(dtype) -> Tuple[float, float]:
 
 @OPS.register('decode')
 def decode(channels: int = 0):
-  """Encoded PNG/JPEG bytes (8- or 16-bit) -> [H, W, C]; arrays pass through unchanged.
+  """Stored image -> [H, W, C]: PNG/JPEG bytes (8- or 16-bit), a dataset's raw stored
+  arrays (`images.encode_raw`, no codec), or an array, which passes through.
 
-  `channels=1` converts colour to gray, `channels=3` gray to RGB; 0 keeps the file's.
+  `channels=1` converts colour to gray, `channels=3` gray to RGB; 0 keeps the stored ones.
+  Raw arrays come back read-only, without a copy: ops make new arrays, never write.
   """
   if channels not in (0, 1, 3):
     raise ValueError(f'channels must be 0, 1 or 3, got {channels!r}')
@@ -182,14 +185,17 @@ def decode(channels: int = 0):
     del rng
     if isinstance(image, (bytes, np.bytes_)) or (
         isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 1):
-      data = np.frombuffer(image, np.uint8) if isinstance(image, (bytes, np.bytes_)) else image
-      decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-      if decoded is None:
-        raise ValueError('image bytes could not be decoded as PNG or JPEG')
-      if decoded.ndim == 3:
-        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB if decoded.shape[2] == 4
-                               else cv2.COLOR_BGR2RGB)
-      image = decoded
+      if images.is_raw(image):
+        image = images.decode_raw(image)
+      else:
+        data = np.frombuffer(image, np.uint8) if isinstance(image, (bytes, np.bytes_)) else image
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if decoded is None:
+          raise ValueError('image bytes could not be decoded as PNG or JPEG')
+        if decoded.ndim == 3:
+          decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB if decoded.shape[2] == 4
+                                 else cv2.COLOR_BGR2RGB)
+        image = decoded
     image = image[..., None] if image.ndim == 2 else image
     if channels == 3 and image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
