@@ -14,9 +14,12 @@ size, how many records were skipped, and the name to read the dataset by.
 `--max_side` other than the config's (512 by default) builds a separate dataset
 named CONFIG_<max_side> (e.g. `cxr_chexpert/small_1024`), so datasets stored at
 different resolutions never overwrite each other (for cxr_manifest it replaces the
-manifest's `max_side`; the name stays the manifest's). A dataset that is already
-prepared is left as it is. `--on_error skip` skips unreadable images and bad CSV
-rows and lists each in the dataset's metadata (`info.metadata['skipped']`).
+manifest's `max_side`; the name stays the manifest's). `--raw_size N` stores N x N
+uncompressed arrays instead of PNG (the fast training form, see builders/base.py) as
+CONFIG_rawN (e.g. `cxr_chexpert/small_raw256`; naming that config implies it).
+A dataset that is already prepared is left as it is. `--on_error skip` skips
+unreadable images and bad CSV rows and lists each in the dataset's metadata
+(`info.metadata['skipped']`).
 
 Building may use TensorFlow; reading the result (cxr_jax.data.pipeline) does not.
 """
@@ -41,6 +44,9 @@ _MANUAL_DIR = flags.DEFINE_string(
     'manifest.json (cxr_manifest).')
 _MAX_SIDE = flags.DEFINE_integer(
     'max_side', None, 'Longest stored image side; default: the config\'s (512).')
+_RAW_SIZE = flags.DEFINE_integer(
+    'raw_size', None, 'Store N x N uncompressed arrays (what decode|resize(N) gives) '
+    'instead of PNG, for fast training input; the dataset is named CONFIG_rawN.')
 _ON_ERROR = flags.DEFINE_enum('on_error', 'raise', base.ON_ERROR,
                               'raise: stop at the first bad record; skip: skip and list it.')
 _BUILDER_ARGS = flags.DEFINE_multi_string(
@@ -48,6 +54,7 @@ _BUILDER_ARGS = flags.DEFINE_multi_string(
 flags.mark_flags_as_required(['data_dir'])
 
 RESOLUTION_SUFFIX = re.compile(r'^(?P<config>.+)_(?P<max_side>\d+)$')
+RAW_SUFFIX = re.compile(r'^(?P<config>.+)_raw(?P<raw_size>\d+)$')
 
 
 def parse_name(name: str) -> Tuple[str, Optional[str]]:
@@ -87,8 +94,27 @@ def builder_class(dataset: str):
 
 
 def resolve_config(cls, config_name: Optional[str], manual_dir: Optional[str],
-                   max_side: Optional[int]):
-  """The config to build: a registered one, or one derived for another resolution."""
+                   max_side: Optional[int], raw_size: Optional[int] = None):
+  """The config to build: a registered one, or one derived for another resolution
+  (`max_side`) or stored form (`raw_size`)."""
+  match = RAW_SUFFIX.match(config_name or '')
+  if match:
+    if raw_size and raw_size != int(match['raw_size']):
+      raise ValueError(f'{cls.name}/{config_name} stores {match["raw_size"]}-pixel raw '
+                       f'arrays, but --raw_size is {raw_size}.')
+    config_name, raw_size = match['config'], int(match['raw_size'])
+  if raw_size is not None and raw_size < 1:
+    raise ValueError(f'--raw_size must be a positive side in pixels, got {raw_size}.')
+  config = _resolve_stored_size(cls, config_name, manual_dir, max_side)
+  if raw_size:
+    if not hasattr(config, 'raw_size'):
+      raise ValueError(f'{cls.name} does not take --raw_size.')
+    config = dataclasses.replace(config, name=f'{config.name}_raw{raw_size}', raw_size=raw_size)
+  return config
+
+
+def _resolve_stored_size(cls, config_name: Optional[str], manual_dir: Optional[str],
+                         max_side: Optional[int]):
   if hasattr(cls, 'config_from_manual_dir'):  # Manifests carry their own config.
     if not manual_dir:
       raise ValueError(f'{cls.name} needs --manual_dir: the folder with manifest.json.')
@@ -124,7 +150,7 @@ def resolve_config(cls, config_name: Optional[str], manual_dir: Optional[str],
 
 def build(name: str, data_dir: str, manual_dir: Optional[str] = None,
           max_side: Optional[int] = None, on_error: str = 'raise',
-          builder_args: Optional[Mapping[str, Any]] = None):
+          builder_args: Optional[Mapping[str, Any]] = None, raw_size: Optional[int] = None):
   """Prepares dataset `name` ('NAME' or 'NAME/CONFIG') in `data_dir`; returns its builder."""
   dataset, config_name = parse_name(name)
   cls = builder_class(dataset)
@@ -132,7 +158,7 @@ def build(name: str, data_dir: str, manual_dir: Optional[str] = None,
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
     if not os.path.exists(manual_dir):
       raise FileNotFoundError(f'--manual_dir {manual_dir} does not exist.')
-  config = resolve_config(cls, config_name, manual_dir, max_side)
+  config = resolve_config(cls, config_name, manual_dir, max_side, raw_size)
   kwargs = dict(builder_args or {})
   if issubclass(cls, base.CxrBuilder):
     kwargs['on_error'] = on_error
@@ -189,10 +215,11 @@ def summary(builder, data_dir: str) -> str:
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError('Usage: python -m cxr_jax.data.build NAME[/CONFIG] --data_dir DIR '
-                         '[--manual_dir DIR] [--max_side N] [--on_error raise|skip]')
+                         '[--manual_dir DIR] [--max_side N] [--raw_size N] '
+                         '[--on_error raise|skip]')
   try:
     builder = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _MAX_SIDE.value,
-                    _ON_ERROR.value, parse_builder_args(_BUILDER_ARGS.value))
+                    _ON_ERROR.value, parse_builder_args(_BUILDER_ARGS.value), _RAW_SIZE.value)
   except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a full disk, ...
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -19,13 +19,18 @@ pylibjpeg with pylibjpeg-libjpeg or pylibjpeg-openjpeg. Every failure raises
 `ImageError` (a ValueError) whose message starts with the file's path and says
 what is wrong, so a dataset build can report or skip exactly that file.
 
+`encode_raw`/`decode_raw` are the datasets' uncompressed stored form (builders'
+`raw_size`): the array in NumPy's .npy format, whose header records shape and dtype.
+
 This module does not import TensorFlow or TFDS: embedding tools use it directly.
 """
 
+import functools
 import io
+import math
 import os
 import struct
-from typing import Union
+from typing import Tuple, Union
 
 import cv2
 import numpy as np
@@ -38,6 +43,8 @@ DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b'DICM'
 DICOM_EXTENSIONS = ('.dcm', '.dicom', '.dic')
 UINT16_MAX = 65535
 PIXEL_DATA_TAG_BYTES = b'\xe0\x7f\x10\x00'  # (7FE0,0010), little endian.
+NPY_MAGIC = b'\x93NUMPY'
+RAW_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 
 class ImageError(ValueError):
@@ -70,6 +77,64 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
   if image.ndim != 2 or image.dtype not in (np.uint8, np.uint16) or 0 in image.shape:
     raise ImageError(f'{path}: decoded to an unusable array {image.dtype}{list(image.shape)}')
   return image
+
+
+# --- stored raw arrays ----------------------------------------------------------------
+
+
+def encode_raw(image: np.ndarray) -> bytes:
+  """uint8/uint16 [H, W] or [H, W, C] -> .npy bytes: the pixels as they are, no codec."""
+  if image.dtype not in RAW_DTYPES or image.ndim not in (2, 3):
+    raise ValueError(f'raw images are uint8 or uint16 [H, W(, C)], got {image.dtype}'
+                     f'{list(image.shape)}')
+  buffer = io.BytesIO()
+  np.lib.format.write_array(buffer, np.ascontiguousarray(image), allow_pickle=False)
+  return buffer.getvalue()
+
+
+def is_raw(data) -> bool:
+  """Whether encoded image bytes (bytes or a uint8 array) are `encode_raw`'s form."""
+  return bytes(data[:len(NPY_MAGIC)]) == NPY_MAGIC
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> Tuple[Tuple[int, ...], np.dtype]:
+  """(shape, dtype) of a .npy header. Cached: a dataset's records share a few headers,
+  and parsing one costs more than the rest of decoding."""
+  stream = io.BytesIO(header)
+  version = np.lib.format.read_magic(stream)
+  read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+          else np.lib.format.read_array_header_2_0)
+  shape, fortran_order, dtype = read(stream)
+  if fortran_order or dtype not in RAW_DTYPES or len(shape) not in (2, 3):
+    raise ValueError(f'the header describes {"a Fortran-order " if fortran_order else ""}'
+                     f'{dtype}{list(shape)} array; raw images are uint8 or uint16 '
+                     '[H, W(, C)] in C order')
+  return shape, dtype
+
+
+def decode_raw(data) -> np.ndarray:
+  """`encode_raw`'s bytes -> the array, without copying (read-only); checks the size.
+
+  Raises ImageError naming what the header promised and what the record holds.
+  """
+  data = memoryview(data).cast('B')
+  if len(data) < 12 or not is_raw(data):
+    raise ImageError(f'raw image: {len(data)} bytes that do not start with the .npy '
+                     f'signature {NPY_MAGIC!r}')
+  # Version 1 stores the header length in 2 bytes, versions 2 and 3 in 4.
+  length_bytes = 2 if data[6] == 1 else 4
+  header_end = 8 + length_bytes + int.from_bytes(data[8:8 + length_bytes], 'little')
+  try:
+    shape, dtype = _npy_header(bytes(data[:header_end]))
+  except ValueError as e:
+    raise ImageError(f'raw image: unusable .npy header ({e})') from None
+  expected = math.prod(shape) * dtype.itemsize
+  if len(data) - header_end != expected:
+    raise ImageError(f'raw image: the header describes {dtype}{list(shape)} ({expected} bytes) '
+                     f'but the record holds {len(data) - header_end} bytes of pixels; '
+                     'the record is truncated or corrupt')
+  return np.frombuffer(data, dtype, offset=header_end).reshape(shape)
 
 
 # --- PNG and JPEG --------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 
+from cxr_jax.data import images
 from cxr_jax.registry import Registry
 
 Example = Dict[str, Any]
@@ -153,6 +154,13 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return out.reshape(height, width, image.shape[2])  # cv2 drops a single channel axis.
 
 
+def _gray_to_rgb(image: np.ndarray) -> np.ndarray:
+  """[H, W, 1] -> [H, W, 3] copies of the channel; OpenCV's copy is ~7x np.repeat's."""
+  if image.ndim == 3 and image.dtype in (np.uint8, np.uint16, np.float32):
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+  return np.repeat(image, 3, axis=-1)
+
+
 def _require_unit_float(image: np.ndarray, op: str):
   if image.dtype != np.float32:
     raise ValueError(f'{op} needs a float32 image in [0, 1] (got {image.dtype}); '
@@ -171,9 +179,11 @@ def _dtype_range(dtype) -> Tuple[float, float]:
 
 @OPS.register('decode')
 def decode(channels: int = 0):
-  """Encoded PNG/JPEG bytes (8- or 16-bit) -> [H, W, C]; arrays pass through unchanged.
+  """Stored image -> [H, W, C]: PNG/JPEG bytes (8- or 16-bit), a dataset's raw stored
+  arrays (`images.encode_raw`, no codec), or an array, which passes through.
 
-  `channels=1` converts colour to gray, `channels=3` gray to RGB; 0 keeps the file's.
+  `channels=1` converts colour to gray, `channels=3` gray to RGB; 0 keeps the stored ones.
+  Raw arrays come back read-only, without a copy: ops make new arrays, never write.
   """
   if channels not in (0, 1, 3):
     raise ValueError(f'channels must be 0, 1 or 3, got {channels!r}')
@@ -182,17 +192,20 @@ def decode(channels: int = 0):
     del rng
     if isinstance(image, (bytes, np.bytes_)) or (
         isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 1):
-      data = np.frombuffer(image, np.uint8) if isinstance(image, (bytes, np.bytes_)) else image
-      decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-      if decoded is None:
-        raise ValueError('image bytes could not be decoded as PNG or JPEG')
-      if decoded.ndim == 3:
-        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB if decoded.shape[2] == 4
-                               else cv2.COLOR_BGR2RGB)
-      image = decoded
+      if images.is_raw(image):
+        image = images.decode_raw(image)
+      else:
+        data = np.frombuffer(image, np.uint8) if isinstance(image, (bytes, np.bytes_)) else image
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if decoded is None:
+          raise ValueError('image bytes could not be decoded as PNG or JPEG')
+        if decoded.ndim == 3:
+          decoded = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB if decoded.shape[2] == 4
+                                 else cv2.COLOR_BGR2RGB)
+        image = decoded
     image = image[..., None] if image.ndim == 2 else image
     if channels == 3 and image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
+      image = _gray_to_rgb(image)
     elif channels == 1 and image.shape[-1] == 3:
       image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
     return image
@@ -210,8 +223,14 @@ def value_range(vmin: float = -1.0, vmax: float = 1.0, in_min=None, in_max=None)
     lo, hi = _dtype_range(image.dtype)
     lo = lo if in_min is None else in_min
     hi = hi if in_max is None else in_max
-    scaled = (image.astype(np.float32) - lo) / (hi - lo)
-    return (scaled * (vmax - vmin) + vmin).astype(np.float32)
+    # In place on one float32 copy: the same operations in the same order as
+    # `(x - lo) / (hi - lo) * (vmax - vmin) + vmin`, so bit for bit the export's result.
+    out = image.astype(np.float32)
+    np.subtract(out, lo, out=out)
+    np.divide(out, hi - lo, out=out)
+    np.multiply(out, vmax - vmin, out=out)
+    np.add(out, vmin, out=out)
+    return out
   return _image_op(fn)
 
 
@@ -237,7 +256,7 @@ def rgb():
   """Gray [H, W, 1] -> [H, W, 3], for backbones pretrained on colour images."""
   def fn(image, rng):
     del rng
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    return _gray_to_rgb(image) if image.shape[-1] == 1 else image
   return _image_op(fn)
 
 

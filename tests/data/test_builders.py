@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from cxr_jax.data import build as build_lib
 from cxr_jax.data import labels as labels_lib
+from cxr_jax.data import transforms
 from cxr_jax.data.builders import base
 
 SHAPE = (40, 32)
@@ -208,6 +209,33 @@ def test_chexpert_other_resolution_is_its_own_config(tmp_path):
   image = decode(read_split(builder, 'train')[0]['image'])
   assert max(image.shape) == 16
   assert reopened(builder).info.metadata['max_side'] == 16
+
+
+def test_chexpert_raw_config_stores_the_png_images_resized(tmp_path):
+  manual = make_chexpert(tmp_path)
+  png = build('cxr_chexpert/small', tmp_path / 'tfds', manual)
+  raw = build('cxr_chexpert/small', tmp_path / 'tfds', manual, raw_size=24)
+  assert raw.builder_config.name == 'small_raw24'
+  assert reopened(raw).info.metadata['raw_size'] == 24
+  assert reopened(png).info.metadata['raw_size'] == 0
+  from_png = transforms.Preprocess('decode|resize(24)')
+  png_records, raw_records = by_id(read_split(png, 'train')), by_id(read_split(raw, 'train'))
+  assert png_records.keys() == raw_records.keys()
+  for key, record in raw_records.items():
+    stored = transforms.Preprocess('decode')(record, None)['image']
+    assert stored.dtype == np.uint8 and stored.shape == (24, 24, 1)
+    np.testing.assert_array_equal(stored, from_png(png_records[key], None)['image'])
+  # The name alone says the stored form, as the other resolutions' names do.
+  again = build('cxr_chexpert/small_raw24', tmp_path / 'tfds', manual)
+  assert again.builder_config.raw_size == 24 and again.is_prepared()
+
+
+def test_raw_size_conflicts_are_errors(tmp_path):
+  manual = make_chexpert(tmp_path)
+  with pytest.raises(ValueError, match='stores 24-pixel raw arrays, but --raw_size is 32'):
+    build('cxr_chexpert/small_raw24', tmp_path / 'tfds', manual, raw_size=32)
+  with pytest.raises(ValueError, match='--raw_size must be a positive side'):
+    build('cxr_chexpert/small', tmp_path / 'tfds', manual, raw_size=-4)
 
 
 BAD_CHEXPERT_ROWS = {

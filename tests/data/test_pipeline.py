@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cxr_jax.data import images
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import pipeline
 
@@ -212,6 +213,21 @@ def test_a_bad_record_is_named_by_dataset_split_file_index_and_image_id():
     next(iter(loader))
   batch = next(iter(make(pipeline.Subset(named, [8]), batch_size=1)))
   assert pipeline.WHERE_KEY not in batch  # Used for naming only, never batched.
+
+
+def test_a_raw_record_of_the_wrong_size_is_named():
+  source = PngSource()
+  # A raw stored image cut short by one byte, as a damaged or mis-built record would be.
+  raw = images.encode_raw(np.zeros((24, 20, 1), np.uint16))[:-1]
+  source.records[3] = dict(source.records[3], image=raw)
+  named = pipeline.NamedSource(source, 'ds/config_raw24', 'train',
+                               [('/d/ds-train.array_record-00000-of-00001', 0, 40)])
+  with pytest.raises(Exception, match=(
+      r"Preprocessing dataset 'ds/config_raw24', split 'train', record 3 \(file "
+      r"ds-train.array_record-00000-of-00001, its record 3\), image id img3 failed: "
+      r"ImageError: raw image: the header describes uint16\[24, 20, 1\] \(960 bytes\) "
+      r"but the record holds 959 bytes")):
+    next(iter(make(pipeline.Subset(named, [3]), batch_size=1)))
 
 
 ORPHAN_SCRIPT = '''

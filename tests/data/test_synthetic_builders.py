@@ -1,6 +1,7 @@
 """The generated datasets as TFDS builders: splits by patient, stored bits, determinism."""
 
 import collections
+import dataclasses
 
 import cv2
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import pipeline
 from cxr_jax.data import synthetic
+from cxr_jax.data import transforms
 from cxr_jax.data.builders import synthetic as synthetic_builders
 
 
@@ -55,6 +57,28 @@ def test_cxr_records_match_the_generator(cxr):
   codes = np.stack([r['labels'] for r in records])
   assert set(np.unique(codes)) <= {labels_lib.POSITIVE, labels_lib.NEGATIVE,
                                    labels_lib.UNCERTAIN, labels_lib.UNMENTIONED}
+
+
+@pytest.mark.parametrize('raw_size', [32, 64])  # Area-averaged down; interpolated up.
+def test_raw_records_are_the_png_records_resized(cxr, raw_size):
+  name, data_dir = cxr
+  config = synthetic_builders.make_cxr_config('B', image_size=48, num_examples=120,
+                                              label_noise=0.2, seed=5)
+  raw_name = synthetic_builders.prepare(
+      dataclasses.replace(config, name=f'{config.name}_raw{raw_size}', raw_size=raw_size),
+      data_dir)
+  png_records, _ = read_all(name, 'train', data_dir)
+  raw_records, info = read_all(raw_name, 'train', data_dir)
+  assert info.metadata['raw_size'] == raw_size
+  assert [r['image_id'] for r in raw_records] == [r['image_id'] for r in png_records]
+  from_png = transforms.Preprocess(f'decode|resize({raw_size})')
+  from_raw = transforms.Preprocess('decode')
+  for png, raw in zip(png_records, raw_records):
+    expected = from_png(png, None)['image']
+    stored = from_raw(raw, None)['image']
+    assert stored.dtype == np.uint16 and stored.shape == (raw_size, raw_size, 1)
+    np.testing.assert_array_equal(stored, expected)
+    np.testing.assert_array_equal(raw['labels'], png['labels'])
 
 
 def test_natural_is_balanced_rgb(tmp_path):

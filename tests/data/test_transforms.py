@@ -1,9 +1,12 @@
 """Preprocessing strings: parsing, errors that name the op, and what each op does."""
 
+import io
+
 import cv2
 import numpy as np
 import pytest
 
+from cxr_jax.data import images
 from cxr_jax.data import transforms
 
 
@@ -47,6 +50,39 @@ def test_decode_png_keeps_16_bits_and_jpeg_8_bits():
   assert run('decode(3)', png)['image'].shape == (40, 30, 3)
   with pytest.raises(ValueError, match='could not be decoded'):
     run('decode', b'not an image')
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
+@pytest.mark.parametrize('shape', [(40, 30), (40, 30, 1), (7, 5, 3)])
+def test_decode_raw_gives_the_stored_array(dtype, shape):
+  stored = np.random.default_rng(0).integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+  raw = images.encode_raw(stored)
+  out = run('decode', raw)['image']
+  assert out.dtype == dtype and out.shape == (shape + (1,))[:3]
+  np.testing.assert_array_equal(out.reshape(shape), stored)
+  # As the data source hands records over: bytes, or a uint8 array of them.
+  np.testing.assert_array_equal(run('decode', np.frombuffer(raw, np.uint8))['image'], out)
+  assert run('decode(3)', raw)['image'].shape[-1] == 3
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda raw: raw[:-1], r'describes uint16\[6, 4\] \(48 bytes\) but the record holds 47'),
+    (lambda raw: raw + b'\0\0', 'holds 50 bytes of pixels'),
+    (lambda raw: raw[:20], 'raw image'),
+])
+def test_decode_raw_of_the_wrong_size_is_an_error(damage, message):
+  raw = images.encode_raw(np.zeros((6, 4), np.uint16))
+  with pytest.raises(images.ImageError, match=message):
+    run('decode', damage(raw))
+
+
+def test_raw_images_are_integer_gray_or_colour_arrays():
+  with pytest.raises(ValueError, match=r'uint8 or uint16 \[H, W\(, C\)\], got float32'):
+    images.encode_raw(np.zeros((4, 4), np.float32))
+  stream = io.BytesIO()
+  np.save(stream, np.zeros((4, 4), np.float32))  # A .npy the builders never write.
+  with pytest.raises(images.ImageError, match='unusable .npy header'):
+    run('decode', stream.getvalue())
 
 
 def test_value_range_uses_dtype_range():

@@ -8,6 +8,13 @@ it and records every skipped file with its reason in the dataset's metadata
 (`on_error='skip'`). TFDS builds into a temporary directory and renames it when done,
 so an interrupted build leaves nothing half-written and re-running starts clean.
 
+`raw_size=N` (config field; `build --raw_size N`, dataset CONFIG_rawN) stores instead
+each image resized to N x N, exactly as the pipeline's `resize(N)` op would resize the
+PNG-stored image, as an uncompressed array in the dataset's dtype (`images.encode_raw`).
+`decode` reads it with no codec, which is what lets one core feed about a thousand
+224-pixel training images a second (BENCHMARKS.md, "Input pipeline"); it costs more disk
+per pixel than PNG and fixes the resolution, so full-resolution work keeps PNG.
+
 The error policy is a builder argument, not part of the config: it changes how a build
 reacts to bad files, not what the dataset is, so `cxr_chexpert/small/on_error=skip`
 builds into the same directory as `cxr_chexpert/small`. Builders write ArrayRecord
@@ -35,6 +42,8 @@ ON_ERROR = ('raise', 'skip')
 class CxrBuilderConfig(tfds.core.BuilderConfig):
   max_side: int = 512
   on_error: str = 'raise'
+  # 0: PNG at up to max_side. N: raw N x N arrays, what `decode|resize(N)` gives the PNG.
+  raw_size: int = 0
 
 
 @dataclasses.dataclass
@@ -217,18 +226,26 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     if self.on_error not in ON_ERROR:
       raise ValueError(f'on_error={self.on_error!r}; expected one of {ON_ERROR}.')
+    raw_size = self.builder_config.raw_size
+    if not (isinstance(raw_size, int) and raw_size >= 0):
+      raise ValueError(f'raw_size={raw_size!r}; expected 0 (store PNG) or a side in pixels.')
     findings = self._findings()
     text = tfds.features.Text()
+    if raw_size:  # .npy bytes (shape and dtype in their header), decoded by `decode`.
+      image = tfds.features.Tensor(shape=(), dtype=np.object_)
+    else:
+      image = tfds.features.Image(shape=(None, None, 1), dtype=self.IMAGE_DTYPE,
+                                  encoding_format='png')
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 1), dtype=self.IMAGE_DTYPE,
-                                         encoding_format='png'),
+            'image': image,
             'labels': tfds.features.Tensor(shape=(len(findings),), dtype=np.int8),
             'image_id': text, 'patient_id': text, 'study_id': text, 'sex': text,
             'age': np.int32, 'view': text, 'site': text, 'report': text,
         }),
         metadata=tfds.core.MetadataDict(findings=list(findings), skipped={}, unparsed={},
-                                        max_side=self.builder_config.max_side),
+                                        max_side=self.builder_config.max_side,
+                                        raw_size=raw_size),
         supervised_keys=None,
     )
 
@@ -254,6 +271,11 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return images.read_image(record.image_path)
 
   def _generate_examples(self, split: str, manual_dir):
+    from cxr_jax.data import images  # pylint: disable=g-import-not-at-top
+    from cxr_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    raw_size = self.builder_config.raw_size
+    # The pipeline's own op, so that raw records equal `decode|resize(N)` of the PNG ones.
+    resize_raw = transforms.Preprocess(f'resize({raw_size})') if raw_size else None
     skipped: List[Dict[str, str]] = []
     unparsed: List[Dict[str, str]] = []
     num_findings = len(self._findings())
@@ -272,6 +294,8 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._on_bad_record(e, source, skipped)
         continue
       image = resize_max_side(image, self.builder_config.max_side)[..., None]
+      if resize_raw:
+        image = images.encode_raw(resize_raw({'image': image}, None)['image'])
       written += 1
       unparsed.extend(record.unparsed)
       yield record.key, {
