@@ -46,8 +46,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
         best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
-        best_mode=best_mode, keep_checkpoints_without_metrics=True,
-        cleanup_tmp_directories=True)
+        best_mode=best_mode, keep_checkpoints_without_metrics=True)
+    # Partial steps of a process killed while saving. Removed here, before the manager
+    # opens the directory, rather than by Orbax's cleanup_tmp_directories, which may
+    # still be deleting when the caller looks.
+    self._remove_partial_steps()
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory), options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
