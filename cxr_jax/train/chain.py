@@ -39,6 +39,7 @@ import jax
 import ml_collections
 
 from cxr_jax.text import tokenizer as tokenizer_lib
+from cxr_jax.train import transfer_study  # noqa: F401  Registers a study stage.
 from cxr_jax.train.registry import TRAINERS
 
 _BUILD_SCRIPT = '''

@@ -61,7 +61,7 @@ class Evaluator:
     self.network, self.config = network, config
     self.batch_size = config.eval.batch_size or config.batch_size
     self.batch_sharding = sharding.batch_sharding(mesh)
-    self.classifier = isinstance(getattr(network, 'head', None), (heads.LinearHead, heads.MLPHead))
+    self.classifier = heads.is_classifier(network)
     self.label_smoothing = config.loss.label_smoothing
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():

@@ -53,6 +53,7 @@ from cxr_jax.eval import report as report_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import evaluator
+from cxr_jax.train import trainer
 from cxr_jax.train.registry import TRAINERS
 
 IN_SITE = 'in_site'  # The `test_set` of scores on the downstream data's own test split.
@@ -368,7 +369,6 @@ class Study:
     return config
 
   def run_finetuning(self, draws, truth):
-    from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
     study = self.config.finetune
     budgets = finetune_budgets(self.config)
     for network in study.networks:

@@ -20,6 +20,7 @@ from cxr_jax.data import pipeline
 from cxr_jax.data import synthetic
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.eval import zero_shot
+from cxr_jax.models import image_text as image_text_models
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
@@ -71,9 +72,9 @@ def text_side(tmp_path_factory):
   config = image_text.add_config_fields(config_lib.base_config())
   config.trainer, config.model_name = 'image_text', 'bit-tiny'
   config.text.tokenizer, config.text.max_len, config.head.embed_dim = path, TEXT_MAX_LEN, 8
-  network = image_text.build_network(config)
+  network = image_text_models.build_network(config)
   variables = jax.jit(lambda r, t: network.init(
-      r, t, method=image_text.ImageTextNetwork.encode_text))(
+      r, t, method=image_text_models.ImageTextNetwork.encode_text))(
           jax.random.PRNGKey(0), jnp.ones((1, TEXT_MAX_LEN), jnp.int32))
   model = inference.Model(config=config, network=network, variables=variables)
   return model, network, variables, tokenizer_lib.Tokenizer.load(path)
@@ -89,7 +90,7 @@ def test_prompt_ensembles_average_their_phrasings(text_side):
   # The reference applies the text tower directly to the tokenized phrases.
   texts = ['A nodule.', 'Rounded nodule.', 'Pneumothorax.', 'No pneumothorax.', 'No nodule.']
   encoded = dict(zip(texts, np.asarray(jax.jit(lambda v, t: network.apply(
-      v, t, method=image_text.ImageTextNetwork.encode_text))(
+      v, t, method=image_text_models.ImageTextNetwork.encode_text))(
           variables, tokenizer.encode(texts, TEXT_MAX_LEN)))))
   encode = encoded.get
   mean = encode('A nodule.') + encode('Rounded nodule.')
@@ -136,8 +137,8 @@ def test_a_run_without_a_text_tower_is_refused_by_name(monkeypatch):
 
 def train_briefly(config, workdir, steps):
   """A short image-text run saved as the training loop saves it (adamw on `loss_fn`)."""
-  network = image_text.build_network(config)
-  variables = image_text.initial_variables(network, config, jax.random.PRNGKey(0))
+  network = image_text_models.build_network(config)
+  variables = trainer.initial_variables(network, config, jax.random.PRNGKey(0))
   params = variables.pop('params')
   optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0, 2e-3, 20, steps),
                           weight_decay=0.01)

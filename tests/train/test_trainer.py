@@ -19,6 +19,7 @@ from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.train import checkpointing
 from cxr_jax.train import evaluator
+from cxr_jax.train import initialization
 from cxr_jax.train import sharding
 from cxr_jax.train import trainer
 
@@ -84,7 +85,7 @@ def log_of(workdir):
 
 def final_params(workdir):
   """The params of the latest checkpoint, as a flat dict of NumPy arrays."""
-  backbone = trainer.variables_from_workdir(str(workdir))['backbone']
+  backbone = initialization.variables_from_workdir(str(workdir))['backbone']
   return {'/'.join(map(str, k)): np.asarray(v) for k, v in
           flax.traverse_util.flatten_dict(backbone['params']).items()}
 
