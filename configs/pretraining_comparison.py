@@ -78,12 +78,12 @@ network stage starts from weights/BiT-M-R50x1.npz, from
 https://github.com/google-research/big_transfer; `--config.stages.NAME.init.weights`).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
 from cxr_jax.text import tokenizer as tokenizer_lib
+from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
 
 FINDING = 'airspace_opacity'  # The downstream task.
@@ -104,16 +104,12 @@ AUGMENT = (f'inception_crop({CROP}, area_min=50)|affine|contrast|flip_lr'
            '|value_range(-1, 1, 0, 1)|rgb')
 
 
-def _module(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(f'_cxr_recipe_{name[:-3]}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _path(name: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
 
 
 def _recipe(name: str, *args) -> ml_collections.ConfigDict:
-  return _module(name).get_config(*args)
+  return config_lib.load(':'.join((_path(name), *args)))
 
 
 def _pretraining(stage: ml_collections.ConfigDict, pp: str) -> ml_collections.ConfigDict:
@@ -243,7 +239,7 @@ def _real() -> ml_collections.ConfigDict:
   text.text.tokenizer = TOKENIZER
   text.text.max_len = 128
   text.data.pp = (image_text.tokenize_op(text) + '|decode|resize(512)|window|'
-                  + _module('supcon_chexpert.py').AUGMENT)
+                  + config_lib.load_module(_path('supcon_chexpert.py')).AUGMENT)
   text.data.pp_eval = supcon.data.pp_eval
   text.optimizer.learning_rate = 1e-4  # ConVIRT's rate for both towers.
   text.optimizer.schedule.warmup_steps = supcon.optimizer.schedule.warmup_steps

@@ -23,7 +23,6 @@ configs they hold (any nested section with a `trainer` field).
 
 import functools
 import glob
-import importlib.util
 import inspect
 import os
 import re
@@ -76,11 +75,7 @@ def trains_a_network(stage):
 
 @functools.lru_cache(maxsize=None)
 def _module(path):
-  spec = importlib.util.spec_from_file_location(
-      '_config_' + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(path)
 
 
 def documented_args(path):

@@ -1,7 +1,6 @@
 """Chaining recipes: references between stages, their files and datasets (into fields
 computed from them too), the tokenizer stage, and bad chains named."""
 
-import importlib.util
 import os
 import random
 import signal
@@ -113,11 +112,7 @@ def test_the_tokenizer_trainer_is_registered():
 
 @pytest.mark.parametrize('data', ['synthetic', 'real'])
 def test_pretraining_comparison_trains_the_tokenizer_its_image_text_stage_reads(data):
-  spec = importlib.util.spec_from_file_location(
-      '_pretraining_comparison', os.path.join(REPO, 'configs', 'pretraining_comparison.py'))
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  config = recipe.get_config(data)
+  config = config_lib.load(os.path.join(REPO, 'configs', f'pretraining_comparison.py:{data}'))
   chain.check_stages(config)  # Every reference names something before it.
   order = list(config.order)
   assert order.index('tokenizer') < order.index('image_text')

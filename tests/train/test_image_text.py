@@ -1,7 +1,6 @@
 """Image-text pretraining: the loss against NumPy, the network's layout, the data path,
 initialisation from earlier runs, the recipes, and the same loss on 1 and 8 devices."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -292,10 +291,7 @@ def test_initialisation_from_earlier_runs(small, tmp_path, data_dir):
 
 
 def load_recipe(name, *args):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  return config_lib.load(':'.join((os.path.join(REPO, 'configs', name), *args)))
 
 
 def test_recipes_tie_the_tokenizer_into_the_data_pipeline(tokenizer_path):

@@ -18,6 +18,7 @@ from cxr_jax import main
 from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.train import checkpointing
+from cxr_jax.train import config_lib
 from cxr_jax.train import evaluator
 from cxr_jax.train import initialization
 from cxr_jax.train import sharding
@@ -56,16 +57,7 @@ def overrides(data_dir, stage='supervised', **extra):
 
 def config_for(stage, flags):
   config_file = 'supervised_natural.py' if stage == 'supervised' else 'supcon_cxr.py'
-  module = {}
-  exec(open(os.path.join(REPO, 'configs', config_file)).read(), module)  # pylint: disable=exec-used
-  config = module['get_config']()
-  for key, value in flags.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_lib.load(os.path.join(REPO, 'configs', config_file), flags)
 
 
 def run_main(stage, flags, workdir):
