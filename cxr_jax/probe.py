@@ -89,8 +89,6 @@ _PREDICT_CHUNK = 8192
 # Covariance eigenpairs in the linear probe's preconditioner (more cut iterations at
 # N=100,000 until about 256; see BENCHMARKS.md).
 _PRECONDITIONER_RANK = 256
-# Metadata an embeddings file may carry; the CLI copies it into predictions.npz.
-_METADATA_KEYS = ('patient_id', 'study_id', 'sex', 'age', 'view', 'site')
 
 
 class ConvergenceWarning(UserWarning):
@@ -827,7 +825,7 @@ def run(train: str, eval_path: str, output: str, *, kind: str = 'linear',
 
   probabilities = fitted.predict(eval_data['embedding'])
   predictions = {'probability': probabilities, 'findings': np.array(selected, np.str_)}
-  predictions.update({key: eval_data[key] for key in ('id',) + _METADATA_KEYS
+  predictions.update({key: eval_data[key] for key in ('id',) + labels_lib.METADATA_KEYS
                       if key in eval_data})
   summary = dict(kind=kind, train=train, eval=eval_path, findings=selected,
                  num_train=int(rows.size), num_eval=int(probabilities.shape[0]),

@@ -20,6 +20,7 @@ import tensorflow as tf
 from cxr_jax import embed
 from cxr_jax import export
 from cxr_jax import inference
+from cxr_jax import zero_shot as zero_shot_tool
 from cxr_jax.data import pipeline
 from cxr_jax.data import transforms
 from cxr_jax.eval import zero_shot
@@ -398,7 +399,8 @@ def test_image_text_export_matches_jax_text_and_image_embeddings(image_text):
 def test_zero_shot_from_exported_embeddings_matches_eval_zero_shot(image_text):
   loaded, _, path, run = image_text
   findings = ['cardiomegaly', 'pleural_effusion', 'pneumothorax']
-  expected = zero_shot.zero_shot_from_workdir(run['workdir'], split='test', findings=findings)
+  expected = zero_shot_tool.zero_shot_from_workdir(run['workdir'], split='test',
+                                                   findings=findings)
 
   # The same test images as stored PNGs, and the same prompts, through the SavedModel.
   source, _ = pipeline.open_source(run['dataset'], 'test', run['data_dir'])

@@ -16,6 +16,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr_jax import inference
+from cxr_jax import zero_shot as zero_shot_tool
 from cxr_jax.data import pipeline
 from cxr_jax.data import synthetic
 from cxr_jax.data.builders import synthetic as synthetic_builders
@@ -131,7 +132,7 @@ def test_a_run_without_a_text_tower_is_refused_by_name(monkeypatch):
   monkeypatch.setattr(inference, 'load_run', lambda path, step=None: loaded.append(path) or model)
   with pytest.raises(ValueError, match=re.escape(
       f"{workdir} (trainer 'supcon') is not an image-text run")):
-    zero_shot.zero_shot_from_workdir(workdir, data='no_such_dataset')
+    zero_shot_tool.zero_shot_from_workdir(workdir, data='no_such_dataset')
   assert loaded == [workdir]
 
 
