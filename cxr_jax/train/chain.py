@@ -30,7 +30,6 @@ share a process with training.
 import copy
 import json
 import os
-import subprocess
 import sys
 from typing import Collection, Dict
 
@@ -38,6 +37,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from cxr_jax import tf_process
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import transfer_study  # noqa: F401  Registers a study stage.
 from cxr_jax.train.registry import TRAINERS
@@ -61,15 +61,10 @@ def build_synthetic(specs: Dict[str, dict], data_dir: str) -> Dict[str, str]:
       raise ValueError(f"synthetic.{name}.kind must be 'cxr' or 'natural', got "
                        f"{spec.get('kind')!r}.")
   os.makedirs(data_dir, exist_ok=True)
-  log_path = os.path.join(data_dir, 'build.log')
-  with open(log_path, 'a') as log:  # A file, not a pipe, so a chatty build cannot block.
-    result = subprocess.run([sys.executable, '-c', _BUILD_SCRIPT, json.dumps(specs), data_dir],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-  if result.returncode:
-    with open(log_path) as f:
-      tail = f.read()[-3000:]
-    raise RuntimeError(f'Generating the synthetic datasets failed; see {log_path}:\n{tail}')
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  stdout = tf_process.run_python(['-c', _BUILD_SCRIPT, json.dumps(specs), data_dir],
+                                 os.path.join(data_dir, 'build.log'),
+                                 'Generating the synthetic datasets')
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 def resolve(config: ml_collections.ConfigDict, references: Dict[str, str],

@@ -34,7 +34,6 @@ refitted (they take seconds).
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from typing import Dict, List, Optional
 
@@ -45,6 +44,7 @@ import numpy as np
 from cxr_jax import embed
 from cxr_jax import inference
 from cxr_jax import probe as probe_lib
+from cxr_jax import tf_process
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import transforms
 from cxr_jax.eval import efficiency
@@ -459,13 +459,9 @@ class Study:
     output = os.path.join(self.workdir, 'saved_model')
     if os.path.exists(os.path.join(output, 'saved_model.pb')):
       return output
-    log_path = os.path.join(self.workdir, 'export.log')
-    with open(log_path, 'w') as log:  # TensorFlow stays out of this process.
-      code = subprocess.call([sys.executable, '-m', 'cxr_jax.export', '--workdir',
-                              self.config.networks[network], '--output', output],
-                             stdout=log, stderr=subprocess.STDOUT)
-    if code:
-      raise RuntimeError(f'Exporting {network} failed; see {log_path}.')
+    tf_process.run_python(['-m', 'cxr_jax.export', '--workdir', self.config.networks[network],
+                           '--output', output], os.path.join(self.workdir, 'export.log'),
+                          f'Exporting {network}')
     return output
 
   def write_report(self, summary, figures, exported, truth, separation):
