@@ -26,6 +26,7 @@ from cxr_jax.data import transforms
 from cxr_jax.eval import zero_shot
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import image_text as image_text_lib
+from cxr_jax.train import tokenizer as tokenizer_trainer
 from cxr_jax.train import trainer
 from test_inference import CLASSIFIER_PP_EVAL  # pylint: disable=g-bad-import-order
 from test_inference import _recipe  # pylint: disable=g-bad-import-order
@@ -76,7 +77,7 @@ def image_text_run(tmp_path_factory):
   root.mkdir(exist_ok=True)
   tokenizer = str(root / 'tokenizer.json')
   tokenizer_lib.Tokenizer.train(
-      tokenizer_lib.reports_of(runs['dataset'], 'train', runs['data_dir']), 400).save(tokenizer)
+      tokenizer_trainer.reports_of(runs['dataset'], 'train', runs['data_dir']), 400).save(tokenizer)
   config = _tiny(_recipe('image_text_cxr'), runs['data_dir'], runs['dataset'])
   config.text.tokenizer = tokenizer
   config.text.max_len = TEXT_MAX_LEN

@@ -12,5 +12,6 @@ from cxr_jax.train.registry import TRAINERS
 from cxr_jax.train import model_summary as _model_summary  # noqa: F401
 from cxr_jax.train import stages as _stages  # noqa: F401
 from cxr_jax.train import image_text as _image_text  # noqa: F401
+from cxr_jax.train import tokenizer as _tokenizer  # noqa: F401
 
 __all__ = ['TRAINERS']

@@ -19,9 +19,8 @@ would run with on its own, so re-running the chain resumes every stage where it 
 and skips those that are done. Compiled programs are cached in WORKDIR/jax_cache unless
 JAX_COMPILATION_CACHE_DIR names another place.
 
-The `tokenizer` trainer (cxr_jax/text/tokenizer.py, the report tokenizer an image-text
-stage reads) is registered here, with this module's own, so that the tokenizer module,
-which data-loading workers import, stays free of the training package.
+The `tokenizer` trainer (cxr_jax/train/tokenizer.py) trains the report tokenizer an
+image-text stage reads.
 
 Datasets are generated in a subprocess: building imports TensorFlow, which must not
 share a process with training.
@@ -38,7 +37,6 @@ import jax
 import ml_collections
 
 from cxr_jax import tf_process
-from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import transfer_study  # noqa: F401  Registers a study stage.
 from cxr_jax.train.registry import TRAINERS
 
@@ -159,4 +157,3 @@ def run_chain(config, workdir: str):
 
 
 TRAINERS.add('chain', run_chain)
-TRAINERS.add('tokenizer', tokenizer_lib.run)

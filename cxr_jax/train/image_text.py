@@ -168,7 +168,7 @@ def add_config_fields(config: ml_collections.ConfigDict) -> ml_collections.Confi
   # Report encoder (models/text.py): text-tiny | text-small | text-base. Its compute
   # dtype is config.model.dtype, like the image tower's.
   config.text.encoder = 'text-tiny'
-  # Tokenizer JSON from `python -m cxr_jax.text.tokenizer`; sizes the vocabulary.
+  # Tokenizer JSON from `python -m cxr_jax.train.tokenizer`; sizes the vocabulary.
   config.text.tokenizer = ml_collections.FieldReference('', field_type=str)
   # Tokens per report, <bos> and <eos> included; longer reports are cut.
   config.text.max_len = ml_collections.FieldReference(64, field_type=int)

@@ -26,6 +26,7 @@ from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
+from cxr_jax.train import tokenizer as tokenizer_trainer
 from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -171,7 +172,7 @@ def test_short_run_gives_zero_shot_auroc_well_above_chance(tmp_path):
   name = synthetic_builders.prepare(synthetic_builders.make_cxr_config(
       'A', image_size=32, num_examples=400), data_dir)
   tokenizer_path = str(tmp_path / 'tokenizer.json')
-  tokenizer_lib.Tokenizer.train(tokenizer_lib.reports_of(name, 'train', data_dir), 500,
+  tokenizer_lib.Tokenizer.train(tokenizer_trainer.reports_of(name, 'train', data_dir), 500,
                                 source=f'{name}:train').save(tokenizer_path)
   config = image_text.add_config_fields(config_lib.base_config())
   config.trainer = 'image_text'
