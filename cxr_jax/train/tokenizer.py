@@ -150,7 +150,7 @@ def main(argv: Sequence[str]) -> dict:
   return summary
 
 
-TRAINERS.add('tokenizer', run)
-
 if __name__ == '__main__':
   cli.run(main, FLAGS, __doc__)
+else:  # Run as a program, this file is a second copy: cxr_jax.train registered the first.
+  TRAINERS.add('tokenizer', run)
