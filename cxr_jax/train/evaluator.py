@@ -97,7 +97,7 @@ class Evaluator:
     return {k: v[valid] for k, v in joined.items()}
 
   def run(self, params, model_state) -> Dict[str, float]:
-    from cxr_jax.eval import metrics  # pylint: disable=g-import-not-at-top
+    from cxr_jax.eval import metrics  # pylint: disable=g-import-not-at-top  scipy: only here.
     out = self.outputs(params, model_state)
     result = {'examples': float(len(out['embedding']))}
     if 'labels' in out:  # CXR findings.
