@@ -103,8 +103,9 @@ def test_bad_external_sets_are_named(external, message):
 
 
 def test_external_sets_come_from_the_recipe_argument_and_chain_references():
-  config = config_lib.load(os.path.join(REPO, 'configs', 'transfer_study.py') +
-                           ':site_c=@site_c, nih=nih_cxr14')
+  path = os.path.join(REPO, 'configs', 'transfer_study.py')
+  config = config_lib.load(path + ':site_c=@site_c, nih=nih_cxr14')
+  recipe = config_lib.load_module(path)
   sets = transfer_study.eval_sets(chain.resolve(config, {'site_c': 'synthetic_cxr/c_32px'}))
   assert [(s.key, s.source, s.finding) for s in sets] == [
       ('in_site', 'synthetic_cxr/site_b:test', FINDING), ('nih', 'nih_cxr14:test', FINDING),
