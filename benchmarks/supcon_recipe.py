@@ -28,7 +28,6 @@ minutes and the same process scores the embedding before and after:
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import time
@@ -42,6 +41,7 @@ from sklearn.metrics import roc_auc_score
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import synthetic
 from cxr_jax.data import transforms
+from cxr_jax.train import config_lib
 from cxr_jax.train import optimizers
 from cxr_jax.train import trainer
 
@@ -64,24 +64,16 @@ def parse_args():
 
 
 def stage_config(generic: str, overrides):
-  spec = importlib.util.spec_from_file_location(
-      '_quickstart', os.path.join(REPO, 'configs', 'quickstart.py'))
-  quickstart = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(quickstart)
-  config = quickstart.get_config().stages.cxr
-  config.init.workdir = generic
+  """The quickstart's cxr stage from `generic`, with KEY=VALUE `overrides` of its fields."""
+  values = {}
   for item in overrides:
     key, _, text = item.partition('=')
     try:
-      value = ast.literal_eval(text)
+      values[f'stages.cxr.{key}'] = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+      values[f'stages.cxr.{key}'] = text
+  values.setdefault('stages.cxr.init.workdir', generic)
+  return config_lib.load(os.path.join(REPO, 'configs', 'quickstart.py'), values).stages.cxr
 
 
 def load_data(args):

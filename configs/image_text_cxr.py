@@ -13,7 +13,7 @@ Data, tokenizer, run (the tokenizer path is `config.text.tokenizer`; its default
 one below; `--config.text.tokenizer=...` also updates the tokenize op in data.pp):
 
   python -m cxr_jax.data.build synthetic_cxr/site_a --data_dir ~/tensorflow_datasets
-  python -m cxr_jax.text.tokenizer --data synthetic_cxr/site_a:train \\
+  python -m cxr_jax.train.tokenizer --data synthetic_cxr/site_a:train \\
       --data_dir ~/tensorflow_datasets --vocab_size 1000 --output runs/tokenizer.json
   python -m cxr_jax.main --config configs/image_text_cxr.py --workdir runs/image_text
 

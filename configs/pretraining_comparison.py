@@ -39,7 +39,7 @@ test split (a third scanner). Site B rather than A is the downstream site so tha
 in-site already means "a new hospital with its own labels", as in the published work;
 site C then measures what is lost when the trained probe itself moves. Images are 32 px
 (28 px crops), each pretraining 300 steps of 64 images. One command runs it all: the
-first stage (`tokenizer`, cxr_jax/text/tokenizer.py) trains the report tokenizer that
+first stage (`tokenizer`, cxr_jax/train/tokenizer.py) trains the report tokenizer that
 the image-text stage reads (WORKDIR/tokenizer/tokenizer.json, at most 1000 tokens) on
 site A's training reports:
 
@@ -78,13 +78,13 @@ network stage starts from weights/BiT-M-R50x1.npz, from
 https://github.com/google-research/big_transfer; `--config.stages.NAME.init.weights`).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from cxr_jax.text import tokenizer as tokenizer_lib
+from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
+from cxr_jax.train import tokenizer as tokenizer_trainer
 
 FINDING = 'airspace_opacity'  # The downstream task.
 IMAGE_SIZE = 32  # Generated image side; networks see central/random 28 px crops.
@@ -95,7 +95,7 @@ PP_EVAL = f'decode|window|central_crop({CROP})|value_range(-1, 1, 0, 1)|rgb'
 NETWORKS = ('generic', 'supervised', 'supcon', 'simclr', 'image_text')
 # The tokenizer first: it takes seconds, and image_text reads what it writes.
 ORDER = ('tokenizer', 'generic', 'image_text', 'supervised', 'supcon', 'simclr', 'study')
-TOKENIZER = '@tokenizer/' + tokenizer_lib.OUTPUT  # The file the tokenizer stage writes.
+TOKENIZER = '@tokenizer/' + tokenizer_trainer.OUTPUT  # The file the tokenizer stage writes.
 REAL_PRETRAINING = 'mimic_cxr/chexpert'  # The real dataset with reports.
 MIMIC_IMAGES = 377_110  # MIMIC-CXR-JPG (Johnson et al. 2019); picks BiT-HyperRule's tier.
 REAL_WEIGHTS = 'weights/BiT-M-R50x1.npz'
@@ -104,16 +104,12 @@ AUGMENT = (f'inception_crop({CROP}, area_min=50)|affine|contrast|flip_lr'
            '|value_range(-1, 1, 0, 1)|rgb')
 
 
-def _module(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(f'_cxr_recipe_{name[:-3]}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _path(name: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
 
 
 def _recipe(name: str, *args) -> ml_collections.ConfigDict:
-  return _module(name).get_config(*args)
+  return config_lib.load(':'.join((_path(name), *args)))
 
 
 def _pretraining(stage: ml_collections.ConfigDict, pp: str) -> ml_collections.ConfigDict:
@@ -137,7 +133,7 @@ def _pretraining(stage: ml_collections.ConfigDict, pp: str) -> ml_collections.Co
 
 def _tokenizer(name: str, vocab_size: int) -> ml_collections.ConfigDict:
   """The stage that trains the report tokenizer on dataset `name`'s training reports."""
-  stage = tokenizer_lib.default_config()
+  stage = tokenizer_trainer.default_config()
   stage.data.name, stage.data.split, stage.data.data_dir = name, 'train', '@data_dir'
   stage.vocab_size = vocab_size
   return stage
@@ -243,7 +239,7 @@ def _real() -> ml_collections.ConfigDict:
   text.text.tokenizer = TOKENIZER
   text.text.max_len = 128
   text.data.pp = (image_text.tokenize_op(text) + '|decode|resize(512)|window|'
-                  + _module('supcon_chexpert.py').AUGMENT)
+                  + config_lib.load_module(_path('supcon_chexpert.py')).AUGMENT)
   text.data.pp_eval = supcon.data.pp_eval
   text.optimizer.learning_rate = 1e-4  # ConVIRT's rate for both towers.
   text.optimizer.schedule.warmup_steps = supcon.optimizer.schedule.warmup_steps

@@ -26,21 +26,18 @@ covers a fraction of a pixel, so the CXR sites draw findings of severity 0.8 to 
 `--config.stages.cxr.total_steps=...` and the like override any stage's field.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from cxr_jax.train import config_lib
 
 FINDING = 'airspace_opacity'  # The downstream task; its label is unseen in pretraining.
 SEVERITY = (0.8, 1.0)
 
 
 def _recipe(name: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(f'_cxr_recipe_{name[:-3]}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
 
 
 def get_config():

@@ -1,27 +1,35 @@
-"""Command-line plumbing shared by the tools that keep their flags in their own FlagValues.
+"""Command-line plumbing: every tool keeps its flags in its own FlagValues.
 
-`embed` and `export` define their flags in a private `flags.FlagValues`, so importing
-them (from a notebook, a test or another tool) neither clashes with other flags nor
-needs absl's global parsing; `main(argv)` may then run several times in one process.
+The tools (embed, export, probe, zero_shot, label_reports, the tokenizer trainer, the
+dataset builder) define their flags in a private `flags.FlagValues`, so importing them
+(from a notebook, a test or another tool) neither clashes with other flags nor needs
+absl's global parsing; `main(argv)` may then run several times in one process.
+`cxr_jax.main` is the exception: its `--config.key=value` overrides come from
+ml_collections' config_flags, which parses absl's global flags.
 """
 
 import sys
-from typing import Callable, Sequence, Tuple, Type
+from typing import Callable, List, Sequence, Tuple, Type
 
 from absl import app
 from absl import flags
 
 
-def parse(flag_values: flags.FlagValues, argv: Sequence[str]) -> None:
-  """Parses `argv` into `flag_values` afresh; bad or extra arguments are usage errors."""
+def parse(flag_values: flags.FlagValues, argv: Sequence[str], usage: str = '',
+          num_positional: int = 0) -> List[str]:
+  """Parses `argv` into `flag_values` afresh; returns the `num_positional` other arguments.
+
+  Bad flags, or another number of arguments, are usage errors (`usage` says the form).
+  """
   if flag_values.is_parsed():  # Called again in one process (tests, notebooks).
     flag_values.unparse_flags()
   try:
     rest = flag_values(list(argv))
   except flags.Error as e:
     raise app.UsageError(f'{e}\n\nFlags:\n{flag_values.get_help()}') from None
-  if len(rest) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(rest[1:])}')
+  if len(rest) - 1 != num_positional:
+    raise app.UsageError(usage or f'Unexpected arguments: {" ".join(rest[1:])}')
+  return rest[1:]
 
 
 def run(main: Callable[[Sequence[str]], object], flag_values: flags.FlagValues,

@@ -76,7 +76,6 @@ from cxr_jax.data import images as images_lib
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.train import metrics as metrics_lib
 
-METADATA_KEYS = ('patient_id', 'study_id', 'sex', 'age', 'view', 'site')
 # Keys that describe the whole set rather than one row each.
 PER_SET_KEYS = ('findings', 'logit_names', 'embed_spec')
 REQUIRED_KEYS = ('embedding', 'id')
@@ -243,7 +242,7 @@ class TfdsSource(Source):
     features = set(info.features)
     if 'image' not in features:
       raise ValueError(f'Dataset {name!r} has no image feature; it has {sorted(features)}.')
-    self.metadata_keys = tuple(k for k in METADATA_KEYS if k in features)
+    self.metadata_keys = tuple(k for k in labels_lib.METADATA_KEYS if k in features)
     self.has_class_label = 'label' in features
     self.description = {'tfds': f'{name}:{split}', 'data_dir': os.path.abspath(
         os.path.expanduser(data_dir)) if data_dir else ''}
@@ -323,7 +322,7 @@ class CsvSource(Source):
     if not rows:
       raise ValueError(f'{csv_path}: the CSV has no rows.')
     self.findings = tuple(label_columns)
-    self.metadata_keys = tuple(k for k in METADATA_KEYS if k in header)
+    self.metadata_keys = tuple(k for k in labels_lib.METADATA_KEYS if k in header)
     folder = os.path.dirname(self.csv_path)
     self.ids, self.paths, self.rows = [], [], []
     for number, row in enumerate(rows, start=2):  # Row 1 is the header.

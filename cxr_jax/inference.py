@@ -1,7 +1,8 @@
 """A trained run, loaded for inference: its network, weights and evaluation preprocessing.
 
 `load_run(workdir)` reads a checkpoint (`train.checkpointing.read_checkpoint`) and
-rebuilds the network from the config saved with it (`train.trainer.build_network`),
+rebuilds the network from the config saved with it (`train.trainer.build_network`, the
+stage's builder in `cxr_jax.models`),
 so nothing but the workdir is needed. The returned `Model` preprocesses raw images
 with the run's deterministic `config.data.pp_eval` (the NumPy ops of
 `data.transforms`, exactly as evaluation sees them) and applies the network in
@@ -43,7 +44,10 @@ import numpy as np
 
 from cxr_jax.data import transforms
 from cxr_jax.models import heads
+from cxr_jax.models import image_text as image_text_models
 from cxr_jax.text import tokenizer as tokenizer_lib
+from cxr_jax.train import checkpointing
+from cxr_jax.train import trainer
 
 
 @dataclasses.dataclass
@@ -121,16 +125,12 @@ class Model:
 
   @property
   def has_logits(self) -> bool:
-    # An image-text network defines its head in setup(), out of reach before apply.
-    return not self.has_text and isinstance(self.network.head,
-                                            (heads.LinearHead, heads.MLPHead))
+    return heads.is_classifier(self.network)
 
   @property
   def has_text(self) -> bool:
     """Whether the run is image-text: a text tower and a joint image-text space."""
-    # Imported here: the cxr_jax.train package imports trainers that build on this module.
-    from cxr_jax.train import image_text  # pylint: disable=g-import-not-at-top
-    return isinstance(self.network, image_text.ImageTextNetwork)
+    return isinstance(self.network, image_text_models.ImageTextNetwork)
 
   @property
   def num_classes(self) -> int:
@@ -357,9 +357,6 @@ def load_run(workdir: str, step: Optional[int] = None, best: bool = False) -> Mo
   Raises FileNotFoundError naming the workdir when it has no checkpoint, or the
   step and the steps it has when `step` is not among them.
   """
-  # Imported here: the cxr_jax.train package imports trainers that build on this module.
-  from cxr_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
-  from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
   state, config, step = checkpointing.read_checkpoint(workdir, step=step, best=best)
   network = trainer.build_network(config)
   variables = {'params': state['params'], **state.get('model_state', {})}

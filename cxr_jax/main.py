@@ -11,7 +11,6 @@ scheduler or script can tell the two apart and re-run the command, which continu
 it stopped; 1 on an error.
 """
 
-import importlib.util
 import os
 import sys
 import traceback
@@ -22,7 +21,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from cxr_jax import train
+from cxr_jax.train import chain  # noqa: F401  Registers the 'chain' trainer.
+from cxr_jax.train import config_lib
 from cxr_jax.train import trainer
+from cxr_jax.train import transfer_study  # noqa: F401  Registers 'transfer_study'.
 
 EXIT_PREEMPTED = 75
 
@@ -73,29 +75,13 @@ def main(argv):
     sys.exit(1)
 
 
-def _load_config(spec: str):
-  """Loads `FILE[:ARG]` the way config_flags does, to diagnose a bad override."""
-  filename, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_cxr_jax_config', filename)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def unknown_override_message(argv, config) -> str:
   """Names the first `--config.a.b=v` whose path the config lacks, with the valid keys."""
   for arg in argv[1:]:
-    if not arg.startswith('--config.'):
-      continue
-    path = arg[len('--config.'):].split('=', 1)[0].split('.')
-    node, walked = config, 'config'
-    for key in path:
-      if not hasattr(node, 'keys'):
-        return f'{arg}: {walked} is a value, not a section with key {key!r}.'
-      if key not in node:
-        return (f'{arg}: {walked} has no key {key!r}. '
-                f'Valid keys of {walked}: {", ".join(sorted(node.keys()))}.')
-      node, walked = node[key], f'{walked}.{key}'
+    if arg.startswith('--config.'):
+      message = config_lib.unknown_key_message(config, arg[len('--config.'):].split('=', 1)[0])
+      if message:
+        return f'{arg}: {message}'
   return ''
 
 
@@ -110,7 +96,7 @@ def _parse_flags(argv):
     spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     if spec is None and '--config' in argv[:-1]:
       spec = argv[argv.index('--config') + 1]
-    message = unknown_override_message(argv, _load_config(spec)) if spec else ''
+    message = unknown_override_message(argv, config_lib.load(spec)) if spec else ''
     sys.exit(f'FATAL Flags parsing error: {message or e}')
 
 

@@ -73,6 +73,8 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from cxr_jax import cli
+from cxr_jax import embed
 from cxr_jax import npz_files
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.eval import efficiency
@@ -89,8 +91,6 @@ _PREDICT_CHUNK = 8192
 # Covariance eigenpairs in the linear probe's preconditioner (more cut iterations at
 # N=100,000 until about 256; see BENCHMARKS.md).
 _PRECONDITIONER_RANK = 256
-# Metadata an embeddings file may carry; the CLI copies it into predictions.npz.
-_METADATA_KEYS = ('patient_id', 'study_id', 'sex', 'age', 'view', 'site')
 
 
 class ConvergenceWarning(UserWarning):
@@ -799,8 +799,6 @@ def run(train: str, eval_path: str, output: str, *, kind: str = 'linear',
   OUTPUT/metrics.json (AUROC per finding; null where undefined). Returns the metrics.
   Both files are read and checked before any training.
   """
-  # Imported here: cxr_jax.embed imports the training package, which imports this module.
-  from cxr_jax import embed  # pylint: disable=g-import-not-at-top
   train_data = embed.load_embeddings(train)
   eval_data = embed.load_embeddings(eval_path)
   if 'findings' not in train_data:
@@ -827,7 +825,7 @@ def run(train: str, eval_path: str, output: str, *, kind: str = 'linear',
 
   probabilities = fitted.predict(eval_data['embedding'])
   predictions = {'probability': probabilities, 'findings': np.array(selected, np.str_)}
-  predictions.update({key: eval_data[key] for key in ('id',) + _METADATA_KEYS
+  predictions.update({key: eval_data[key] for key in ('id',) + labels_lib.METADATA_KEYS
                       if key in eval_data})
   summary = dict(kind=kind, train=train, eval=eval_path, findings=selected,
                  num_train=int(rows.size), num_eval=int(probabilities.shape[0]),
@@ -849,42 +847,44 @@ def run(train: str, eval_path: str, output: str, *, kind: str = 'linear',
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  values = flags.FLAGS
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('train', None, 'Embeddings file (or shard directory) with labels to '
+                    'train on.', flag_values=FLAGS)
+flags.DEFINE_string('eval', None, 'Embeddings file (or shard directory) to predict and, '
+                    'when it has labels, score.', flag_values=FLAGS)
+flags.DEFINE_string('output', None, 'Directory for probe.npz, predictions.npz and '
+                    'metrics.json.', flag_values=FLAGS)
+flags.DEFINE_enum('kind', 'linear', KINDS, 'Probe: L2 logistic regression or the MLP.',
+                  flag_values=FLAGS)
+flags.DEFINE_list('findings', [], 'Findings to train (default: all of the training file\'s).',
+                  flag_values=FLAGS)
+flags.DEFINE_integer('budget', None, 'Train on this many examples drawn with --seed '
+                     '(both classes of every finding when possible); default: all.',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('seed', 0, 'Seed of the budget draw and of the probe.', flag_values=FLAGS)
+flags.DEFINE_enum('uncertain', 'ignore', labels_lib.POLICIES, 'Uncertain (-1) labels: '
+                  'masked (ignore), negative (zeros) or positive (ones).', flag_values=FLAGS)
+flags.DEFINE_string('config', '', 'JSON object of ProbeConfig fields, e.g. '
+                    '\'{"class_weight": "balanced", "l2": 0.001}\'.', flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> dict:
+  cli.parse(FLAGS, argv)
+  missing = [f'--{n}' for n in ('train', 'eval', 'output') if not FLAGS[n].value]
+  if missing:
+    raise app.UsageError(f'Missing {", ".join(missing)}.')
   try:
-    config = json.loads(values.config) if values.config else None
+    config = json.loads(FLAGS.config) if FLAGS.config else None
   except json.JSONDecodeError as error:
     raise app.UsageError(f'--config is not a JSON object: {error}') from error
-  summary = run(values.train, values.eval, values.output, kind=values.kind,
-                findings=values.findings or None, budget=values.budget, seed=values.seed,
-                uncertain=values.uncertain, config=config)
+  summary = run(FLAGS.train, FLAGS.eval, FLAGS.output, kind=FLAGS.kind,
+                findings=FLAGS.findings or None, budget=FLAGS.budget, seed=FLAGS.seed,
+                uncertain=FLAGS.uncertain, config=config)
   auroc = summary.get('auroc', {})
-  print(json.dumps(report.to_builtin({'output': values.output, 'auroc': auroc,
+  print(json.dumps(report.to_builtin({'output': FLAGS.output, 'auroc': auroc,
                                       'mean_auroc': summary.get('mean_auroc')})))
-
-
-def define_flags() -> None:
-  """The command line's flags; defined only when run as a program, so that importing
-  the module adds nothing to absl's global flags (other tools share names like --output)."""
-  flags.DEFINE_string('train', None, 'Embeddings file (or shard directory) with labels to '
-                      'train on.', required=True)
-  flags.DEFINE_string('eval', None, 'Embeddings file (or shard directory) to predict and, '
-                      'when it has labels, score.', required=True)
-  flags.DEFINE_string('output', None, 'Directory for probe.npz, predictions.npz and '
-                      'metrics.json.', required=True)
-  flags.DEFINE_enum('kind', 'linear', KINDS, 'Probe: L2 logistic regression or the MLP.')
-  flags.DEFINE_list('findings', [], 'Findings to train (default: all of the training file\'s).')
-  flags.DEFINE_integer('budget', None, 'Train on this many examples drawn with --seed '
-                       '(both classes of every finding when possible); default: all.')
-  flags.DEFINE_integer('seed', 0, 'Seed of the budget draw and of the probe.')
-  flags.DEFINE_enum('uncertain', 'ignore', labels_lib.POLICIES, 'Uncertain (-1) labels: '
-                    'masked (ignore), negative (zeros) or positive (ones).')
-  flags.DEFINE_string('config', '', 'JSON object of ProbeConfig fields, e.g. '
-                      '\'{"class_weight": "balanced", "l2": 0.001}\'.')
+  return summary
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, FLAGS, __doc__)

@@ -23,7 +23,6 @@ configs they hold (any nested section with a `trainer` field).
 
 import functools
 import glob
-import importlib.util
 import inspect
 import os
 import re
@@ -39,9 +38,11 @@ from cxr_jax import models
 from cxr_jax import train
 from cxr_jax.data import transforms
 from cxr_jax.models import heads
+from cxr_jax.train import chain  # noqa: F401  Registers the 'chain' trainer.
 from cxr_jax.train import config_lib
 from cxr_jax.train import optimizers
 from cxr_jax.train import trainer
+from cxr_jax.train import transfer_study  # noqa: F401  Registers 'transfer_study'.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -74,11 +75,7 @@ def trains_a_network(stage):
 
 @functools.lru_cache(maxsize=None)
 def _module(path):
-  spec = importlib.util.spec_from_file_location(
-      '_config_' + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(path)
 
 
 def documented_args(path):
@@ -227,7 +224,7 @@ def _network_and_inputs(config):
   """The network the trainer builds for `config` and the positional/keyword init inputs."""
   images = jnp.zeros((1, SMALL_IMAGE, SMALL_IMAGE, 3), jnp.float32)
   if config.trainer == 'image_text':
-    from cxr_jax.train import image_text  # pylint: disable=g-import-not-at-top
+    from cxr_jax.models import image_text  # pylint: disable=g-import-not-at-top
     return image_text.build_network(config), (images,), {
         'tokens': image_text.init_inputs(config)['tokens']}
   if config.trainer == 'model_summary':

@@ -20,11 +20,13 @@ import tensorflow as tf
 from cxr_jax import embed
 from cxr_jax import export
 from cxr_jax import inference
+from cxr_jax import zero_shot as zero_shot_tool
 from cxr_jax.data import pipeline
 from cxr_jax.data import transforms
 from cxr_jax.eval import zero_shot
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import image_text as image_text_lib
+from cxr_jax.train import tokenizer as tokenizer_trainer
 from cxr_jax.train import trainer
 from test_inference import CLASSIFIER_PP_EVAL  # pylint: disable=g-bad-import-order
 from test_inference import _recipe  # pylint: disable=g-bad-import-order
@@ -75,7 +77,7 @@ def image_text_run(tmp_path_factory):
   root.mkdir(exist_ok=True)
   tokenizer = str(root / 'tokenizer.json')
   tokenizer_lib.Tokenizer.train(
-      tokenizer_lib.reports_of(runs['dataset'], 'train', runs['data_dir']), 400).save(tokenizer)
+      tokenizer_trainer.reports_of(runs['dataset'], 'train', runs['data_dir']), 400).save(tokenizer)
   config = _tiny(_recipe('image_text_cxr'), runs['data_dir'], runs['dataset'])
   config.text.tokenizer = tokenizer
   config.text.max_len = TEXT_MAX_LEN
@@ -409,7 +411,8 @@ def test_image_text_export_matches_jax_text_and_image_embeddings(image_text):
 def test_zero_shot_from_exported_embeddings_matches_eval_zero_shot(image_text):
   loaded, _, path, run = image_text
   findings = ['cardiomegaly', 'pleural_effusion', 'pneumothorax']
-  expected = zero_shot.zero_shot_from_workdir(run['workdir'], split='test', findings=findings)
+  expected = zero_shot_tool.zero_shot_from_workdir(run['workdir'], split='test',
+                                                   findings=findings)
 
   # The same test images as stored PNGs, and the same prompts, through the SavedModel.
   source, _ = pipeline.open_source(run['dataset'], 'test', run['data_dir'])

@@ -7,7 +7,6 @@ classifier). Their pp_eval resizes to 32 px, the stored size, so the embedding t
 see exactly the stored pixels; the export tests feed other sizes.
 """
 
-import importlib.util
 import json
 import os
 
@@ -20,6 +19,7 @@ from cxr_jax import inference
 from cxr_jax.data import transforms
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.train import checkpointing
+from cxr_jax.train import config_lib
 from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +28,7 @@ SUPCON_PP_EVAL = 'decode|resize_small(32)|window|central_crop(28)|value_range(-1
 
 
 def _recipe(name):
-  spec = importlib.util.spec_from_file_location(f'_recipe_{name}',
-                                                os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load(os.path.join(REPO, 'configs', f'{name}.py'))
 
 
 def _tiny(config, data_dir, dataset):

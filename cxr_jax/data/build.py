@@ -34,24 +34,31 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
+from cxr_jax import cli
 from cxr_jax import files
 from cxr_jax.data import builders  # noqa: F401  Registers the project's builders.
 from cxr_jax.data.builders import base
 
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory to write into.')
-_MANUAL_DIR = flags.DEFINE_string(
+FLAGS = flags.FlagValues()
+flags.DEFINE_string('data_dir', None, 'TFDS data directory to write into.', flag_values=FLAGS)
+flags.DEFINE_string(
     'manual_dir', None, 'The unpacked download (CheXpert, NIH, MIMIC), or the folder with '
-    'manifest.json (cxr_manifest).')
-_MAX_SIDE = flags.DEFINE_integer(
-    'max_side', None, 'Longest stored image side; default: the config\'s (512).')
-_RAW_SIZE = flags.DEFINE_integer(
+    'manifest.json (cxr_manifest).', flag_values=FLAGS)
+flags.DEFINE_integer(
+    'max_side', None, 'Longest stored image side; default: the config\'s (512).',
+    flag_values=FLAGS)
+flags.DEFINE_integer(
     'raw_size', None, 'Store N x N uncompressed arrays (what decode|resize(N) gives) '
-    'instead of PNG, for fast training input; the dataset is named CONFIG_rawN.')
-_ON_ERROR = flags.DEFINE_enum('on_error', 'raise', base.ON_ERROR,
-                              'raise: stop at the first bad record; skip: skip and list it.')
-_BUILDER_ARGS = flags.DEFINE_multi_string(
-    'builder_arg', [], 'KEY=VALUE passed to the builder, e.g. reports_dir=DIR for mimic_cxr.')
-flags.mark_flags_as_required(['data_dir'])
+    'instead of PNG, for fast training input; the dataset is named CONFIG_rawN.',
+    flag_values=FLAGS)
+flags.DEFINE_enum('on_error', 'raise', base.ON_ERROR,
+                  'raise: stop at the first bad record; skip: skip and list it.',
+                  flag_values=FLAGS)
+flags.DEFINE_multi_string(
+    'builder_arg', [], 'KEY=VALUE passed to the builder, e.g. reports_dir=DIR for mimic_cxr.',
+    flag_values=FLAGS)
+USAGE = ('Usage: python -m cxr_jax.data.build NAME[/CONFIG] --data_dir DIR '
+         '[--manual_dir DIR] [--max_side N] [--raw_size N] [--on_error raise|skip]')
 
 RESOLUTION_SUFFIX = re.compile(r'^(?P<config>.+)_(?P<max_side>\d+)$')
 RAW_SUFFIX = re.compile(r'^(?P<config>.+)_raw(?P<raw_size>\d+)$')
@@ -212,19 +219,18 @@ def summary(builder, data_dir: str) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError('Usage: python -m cxr_jax.data.build NAME[/CONFIG] --data_dir DIR '
-                         '[--manual_dir DIR] [--max_side N] [--raw_size N] '
-                         '[--on_error raise|skip]')
+def main(argv: Sequence[str]) -> None:
+  name, = cli.parse(FLAGS, argv, usage=USAGE, num_positional=1)
+  if not FLAGS.data_dir:
+    raise app.UsageError(f'--data_dir is required.\n{USAGE}')
   try:
-    builder = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _MAX_SIDE.value,
-                    _ON_ERROR.value, parse_builder_args(_BUILDER_ARGS.value), _RAW_SIZE.value)
+    builder = build(name, FLAGS.data_dir, FLAGS.manual_dir, FLAGS.max_side, FLAGS.on_error,
+                    parse_builder_args(FLAGS.builder_arg), FLAGS.raw_size)
   except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a full disk, ...
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(summary(builder, _DATA_DIR.value))
+  print(summary(builder, FLAGS.data_dir))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, FLAGS, __doc__)

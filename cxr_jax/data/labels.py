@@ -27,6 +27,10 @@ NIH_FINDINGS = (
     'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis', 'Pleural_Thickening',
     'Hernia')
 
+# Per-record metadata every CXR builder stores beside the labels; embeddings files,
+# probe predictions and zero-shot scores carry them for patient-level and subgroup metrics.
+METADATA_KEYS = ('patient_id', 'study_id', 'sex', 'age', 'view', 'site')
+
 POLICIES = ('ignore', 'zeros', 'ones')
 
 

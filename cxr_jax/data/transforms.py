@@ -23,6 +23,7 @@ import numpy as np
 
 from cxr_jax.data import images
 from cxr_jax.registry import Registry
+from cxr_jax.text import tokenizer as tokenizer_lib
 
 Example = Dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -458,7 +459,6 @@ def tokenize(path: str, max_len: int = 128, sections: str = ''):
   A report without the wanted section falls back to what it has; the first such report
   is logged and all are counted in `cxr_jax.text.tokenizer.SECTION_FALLBACKS`.
   """
-  from cxr_jax.text import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if not isinstance(max_len, int) or max_len < 2:
     raise ValueError(f'max_len must be an integer of at least 2 (<bos> and <eos>), got '
                      f'{max_len!r}')

@@ -3,6 +3,10 @@
 Every model is called as `model.apply(variables, images, train=...)` and returns
 `(logits_or_None, aux)`, with `aux['embedding']` the pooled pre-logits vector and
 `aux['features']` a dict of per-stage feature maps.
+
+Every network a stage trains is built here too: heads and the backbone+head network
+(`heads`), the builders of the image-only stages and the finetune modes (`networks`),
+the report encoder (`text`) and the image-text network (`image_text`).
 """
 
 from cxr_jax.models.registry import MODELS, build_model, get_model, model_names

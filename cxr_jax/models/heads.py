@@ -11,6 +11,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# Below this squared norm a feature is treated as the zero vector, so normalising it
+# neither divides by zero nor produces an infinite gradient.
+_NORM_EPS_SQUARED = 1e-24
+
+
+def l2_normalize(x, axis: int = -1):
+  """x / ||x|| in float32; the zero vector stays zero (finite value and gradient)."""
+  x = jnp.asarray(x).astype(jnp.float32)
+  squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS_SQUARED))
+
 
 class LinearHead(nn.Module):
   """Linear classifier; zero-initialised kernel as in BiT, optional bias init (e.g. log prior)."""
@@ -101,3 +112,11 @@ def make_head(kind: str, num_classes: int = 0, **kwargs) -> Optional[nn.Module]:
   return heads[kind](num_classes=num_classes, **kwargs)
 
 
+def is_classifier(network: nn.Module) -> bool:
+  """Whether `network` outputs class logits: a `Network` with a linear or MLP head.
+
+  A contrastive projection head is a training device, not an output; an image-text
+  network's outputs are its joint-space embeddings.
+  """
+  # getattr: an image-text network's head is defined in setup(), out of reach unbound.
+  return isinstance(getattr(network, 'head', None), (LinearHead, MLPHead))

@@ -1,7 +1,8 @@
 """A subword tokenizer for radiology reports, trained locally on the report corpus.
 
-  python -m cxr_jax.text.tokenizer --data synthetic_cxr/site_a:train \\
-      --data_dir ~/tensorflow_datasets --vocab_size 2000 --output runs/tokenizer.json
+Training one on datasets' reports is `cxr_jax/train/tokenizer.py` (the `tokenizer`
+trainer and the command line `python -m cxr_jax.train.tokenizer`); this library reads
+no datasets, so the data pipeline's `tokenize` op builds on it.
 
 Design:
   * Byte-level BPE from the `tokenizers` library, trained on the reports of one or more
@@ -26,31 +27,20 @@ Design:
   * One JSON file: {'format', 'sections', 'corpus' (what it was trained on, the
     vocabulary size asked for, min_frequency and the counts), 'tokenizer' (the
     `tokenizers` serialisation)}.
-  * The same training is also the `tokenizer` trainer (`run`, config `default_config()`),
-    so a chain (cxr_jax/train/chain.py) can train the tokenizer its image-text stage
-    reads: it writes WORKDIR/tokenizer.json and, like every trainer, resumes: a file
-    already there is kept when it was trained as the config asks, and is an error
-    otherwise. It is registered in cxr_jax/train/chain.py, not here, so that this module
-    (imported by data-loading workers and the command line) does not import the
-    training package.
 """
 
 import collections
 import json
 import os
 import re
+import runpy
 import threading
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from absl import app
-from absl import flags
 from absl import logging
-import ml_collections
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-
-FLAGS = flags.FLAGS
 
 FORMAT = 'cxr_jax.text.tokenizer/1'
 PAD, BOS, EOS = '<pad>', '<bos>', '<eos>'
@@ -118,7 +108,7 @@ def report_text(report, sections: str) -> str:
   The first fallback of each kind in a process is logged; all are counted in
   `SECTION_FALLBACKS`.
   """
-  text, complete = select_sections(_as_text(report), sections)
+  text, complete = select_sections(as_text(report), sections)
   if not complete:
     kind = sections if text else 'empty'
     with _FALLBACKS_LOCK:
@@ -132,7 +122,8 @@ def report_text(report, sections: str) -> str:
   return text
 
 
-def _as_text(report) -> str:
+def as_text(report) -> str:
+  """A report as str (datasets store UTF-8 bytes)."""
   if isinstance(report, (bytes, np.bytes_)):
     return bytes(report).decode('utf-8')
   if isinstance(report, (str, np.str_)):
@@ -178,7 +169,7 @@ class Tokenizer:
 
     def texts() -> Iterator[str]:
       for report in reports:
-        text, complete = select_sections(_as_text(report), sections)
+        text, complete = select_sections(as_text(report), sections)
         counts['reports'] += 1
         counts['section_fallbacks'] += int(not complete and bool(text))
         counts['empty'] += int(not text)
@@ -256,7 +247,7 @@ class Tokenizer:
       raise ValueError(f'max_len={max_len}: needs room for <bos> and <eos> (at least 2).')
     out = np.full((len(texts), max_len), PAD_ID, np.int32)
     for row, text in enumerate(texts):
-      ids = self.token_ids(_as_text(text))[:max_len - 2]
+      ids = self.token_ids(as_text(text))[:max_len - 2]
       out[row, :len(ids) + 2] = [BOS_ID, *ids, EOS_ID]
     return out
 
@@ -282,127 +273,7 @@ def load_cached(path: str) -> Tokenizer:
     return cached[1]
 
 
-def reports_of(name: str, split: str, data_dir: Optional[str] = None) -> Iterator[str]:
-  """The `report` text of every record of a dataset split, in stored order."""
-  from cxr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  source, info = pipeline.open_source(name, split, data_dir)
-  if 'report' not in info.features:
-    raise ValueError(f'Dataset {name!r} has no report feature (it has '
-                     f'{sorted(info.features)}); image-text training needs reports.')
-  for index in range(len(source)):
-    yield _as_text(source[index]['report'])
-
-
-def _parse_data(spec: str) -> Tuple[str, str]:
-  name, sep, split = spec.rpartition(':')
-  if not sep or not name or not split:
-    raise ValueError(f'--data {spec!r}: expected NAME:SPLIT, e.g. synthetic_cxr/site_a:train.')
-  return name, split
-
-
-def train_on_datasets(data: Sequence[Tuple[str, str]], vocab_size: int, *,
-                      data_dir: Optional[str] = None, sections: str = 'both',
-                      min_frequency: int = 2) -> Tokenizer:
-  """`Tokenizer.train` on the reports of dataset splits `data`, (NAME, SPLIT) pairs, in order.
-
-  The corpus' source is recorded as 'NAME:SPLIT,NAME:SPLIT...'.
-  """
-  def reports():
-    for name, split in data:
-      yield from reports_of(name, split, data_dir or None)
-
-  return Tokenizer.train(reports(), vocab_size, sections=sections, min_frequency=min_frequency,
-                         source=','.join(f'{name}:{split}' for name, split in data))
-
-
-def _summary(tokenizer: Tokenizer, output: str) -> dict:
-  return {'output': output, 'vocab_size': tokenizer.vocab_size, **tokenizer.corpus}
-
-
-# --- the `tokenizer` trainer (chain stage) ---------------------------------------------
-
-OUTPUT = 'tokenizer.json'  # The file the trainer writes in its workdir.
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `tokenizer` trainer's config: the command line's settings, one dataset split."""
-  c = ml_collections.ConfigDict()
-  c.trainer = 'tokenizer'
-  c.data = ml_collections.ConfigDict()
-  c.data.name = ''  # TFDS name of a dataset with reports, e.g. 'synthetic_cxr/site_a'.
-  c.data.split = 'train'
-  c.data.data_dir = ''  # TFDS data directory; '' = the TFDS default.
-  c.vocab_size = 2000  # Special tokens and the 256 byte symbols included.
-  c.sections = 'both'  # Report sections trained on, and the tokenize op's default.
-  c.min_frequency = 2  # A merge must occur this often.
-  return c
-
-
-def run(config, workdir: str) -> dict:
-  """Trains on config.data's reports and writes WORKDIR/tokenizer.json; returns a summary.
-
-  A tokenizer.json already there is kept (a re-run resumes) when it was trained on the
-  same split with the same settings; a different one is an error naming the differences,
-  never a silently mismatched vocabulary.
-  """
-  if not config.data.name:
-    raise ValueError('config.data.name is empty: the tokenizer trainer needs a dataset with '
-                     "reports, e.g. 'synthetic_cxr/site_a'.")
-  output = os.path.join(workdir, OUTPUT)
-  source = f'{config.data.name}:{config.data.split}'
-  if os.path.exists(output):
-    tokenizer = Tokenizer.load(output)
-    asked = {'source': source, 'sections': config.sections,
-             'max_vocab_size': config.vocab_size, 'min_frequency': config.min_frequency}
-    found = {'sections': tokenizer.sections,
-             **{k: tokenizer.corpus.get(k) for k in asked if k != 'sections'}}
-    differences = {k: (found[k], asked[k]) for k in asked if found[k] != asked[k]}
-    if differences:
-      raise ValueError(f'{output} exists but was trained otherwise than the config asks '
-                       f'(file, config): {differences}. Delete it to train again.')
-    logging.info('%s exists and matches the config; not training again.', output)
-    return _summary(tokenizer, output)
-  tokenizer = train_on_datasets([(config.data.name, config.data.split)], config.vocab_size,
-                                data_dir=config.data.data_dir, sections=config.sections,
-                                min_frequency=config.min_frequency)
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer.save(output)
-  logging.info('Wrote %s: %d tokens from %d reports.', output, tokenizer.vocab_size,
-               tokenizer.corpus['reports'])
-  return _summary(tokenizer, output)
-
-
-# --- the command line ------------------------------------------------------------------
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  tokenizer = train_on_datasets([_parse_data(spec) for spec in FLAGS.data], FLAGS.vocab_size,
-                                data_dir=FLAGS.data_dir, sections=FLAGS.sections,
-                                min_frequency=FLAGS.min_frequency)
-  tokenizer.save(FLAGS.output)
-  corpus = tokenizer.corpus
-  logging.info('Wrote %s: %d tokens from %d reports (%d without the %s section(s), %d empty).',
-               FLAGS.output, tokenizer.vocab_size, corpus['reports'],
-               corpus['section_fallbacks'], FLAGS.sections, corpus['empty'])
-  print(json.dumps(_summary(tokenizer, FLAGS.output)))
-
-
-def define_flags() -> None:
-  """The command line's flags; defined only when run as a program, so that importing the
-  module (as the tokenize op does) adds nothing to absl's global flags."""
-  flags.DEFINE_multi_string('data', None, 'NAME:SPLIT of a TFDS dataset with reports; '
-                            'repeat to train on several.', required=True)
-  flags.DEFINE_string('data_dir', '', 'TFDS data directory ("" = TFDS default).')
-  flags.DEFINE_integer('vocab_size', 2000, 'Vocabulary size, special tokens and the 256 '
-                       'byte symbols included (BPE stops earlier if it runs out of merges).')
-  flags.DEFINE_enum('sections', 'both', SECTIONS, 'Report sections to train on, and the '
-                    'default of the tokenize op.')
-  flags.DEFINE_integer('min_frequency', 2, 'A merge must occur this often.')
-  flags.DEFINE_string('output', None, 'Tokenizer JSON file to write.', required=True)
-
-
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  # The command's earlier name: training on datasets reads them (cxr_jax/train/tokenizer.py),
+  # a layer above this library.
+  runpy.run_module('cxr_jax.train.tokenizer', run_name='__main__', alter_sys=True)

@@ -1,11 +1,17 @@
-"""Everything `config.trainer` can name. Each trainer is `fn(config, workdir)`."""
+"""Training: the loop, its stages, and the other trainers `config.trainer` can name.
+
+Each trainer is `fn(config, workdir)` in `TRAINERS`; the loop's stages are also in
+`trainer.STAGES`. Importing this package registers the stages and trainers of this
+layer; studies built on trained runs (chain, transfer_study) register themselves when
+imported (`cxr_jax.main` imports them).
+"""
 
 from cxr_jax.train.registry import TRAINERS
 
 # Importing a trainer module registers it.
 from cxr_jax.train import model_summary as _model_summary  # noqa: F401
-from cxr_jax.train import trainer as _trainer  # noqa: F401
-from cxr_jax.train import chain as _chain  # noqa: F401
-from cxr_jax.train import transfer_study as _transfer_study  # noqa: F401
+from cxr_jax.train import stages as _stages  # noqa: F401
+from cxr_jax.train import image_text as _image_text  # noqa: F401
+from cxr_jax.train import tokenizer as _tokenizer  # noqa: F401
 
 __all__ = ['TRAINERS']

@@ -19,9 +19,8 @@ would run with on its own, so re-running the chain resumes every stage where it 
 and skips those that are done. Compiled programs are cached in WORKDIR/jax_cache unless
 JAX_COMPILATION_CACHE_DIR names another place.
 
-The `tokenizer` trainer (cxr_jax/text/tokenizer.py, the report tokenizer an image-text
-stage reads) is registered here, with this module's own, so that the tokenizer module,
-which data-loading workers import, stays free of the training package.
+The `tokenizer` trainer (cxr_jax/train/tokenizer.py) trains the report tokenizer an
+image-text stage reads.
 
 Datasets are generated in a subprocess: building imports TensorFlow, which must not
 share a process with training.
@@ -30,7 +29,6 @@ share a process with training.
 import copy
 import json
 import os
-import subprocess
 import sys
 from typing import Collection, Dict
 
@@ -38,7 +36,8 @@ from absl import logging
 import jax
 import ml_collections
 
-from cxr_jax.text import tokenizer as tokenizer_lib
+from cxr_jax import tf_process
+from cxr_jax.train import transfer_study  # noqa: F401  Registers a study stage.
 from cxr_jax.train.registry import TRAINERS
 
 _BUILD_SCRIPT = '''
@@ -60,15 +59,10 @@ def build_synthetic(specs: Dict[str, dict], data_dir: str) -> Dict[str, str]:
       raise ValueError(f"synthetic.{name}.kind must be 'cxr' or 'natural', got "
                        f"{spec.get('kind')!r}.")
   os.makedirs(data_dir, exist_ok=True)
-  log_path = os.path.join(data_dir, 'build.log')
-  with open(log_path, 'a') as log:  # A file, not a pipe, so a chatty build cannot block.
-    result = subprocess.run([sys.executable, '-c', _BUILD_SCRIPT, json.dumps(specs), data_dir],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-  if result.returncode:
-    with open(log_path) as f:
-      tail = f.read()[-3000:]
-    raise RuntimeError(f'Generating the synthetic datasets failed; see {log_path}:\n{tail}')
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  stdout = tf_process.run_python(['-c', _BUILD_SCRIPT, json.dumps(specs), data_dir],
+                                 os.path.join(data_dir, 'build.log'),
+                                 'Generating the synthetic datasets')
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 def resolve(config: ml_collections.ConfigDict, references: Dict[str, str],
@@ -163,4 +157,3 @@ def run_chain(config, workdir: str):
 
 
 TRAINERS.add('chain', run_chain)
-TRAINERS.add('tokenizer', tokenizer_lib.run)

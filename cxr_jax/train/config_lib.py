@@ -1,4 +1,13 @@
-"""The fields every training recipe has; `configs/*.py` start from `base_config()`."""
+"""Recipes: the fields every training recipe has (`base_config()`), and `load`.
+
+`configs/*.py` start from `base_config()`. `load('configs/NAME.py:ARG', overrides)` is
+the one way to read a recipe file, for the command line, recipes built from other
+recipes, benchmarks and tests alike.
+"""
+
+import importlib.util
+import os
+from typing import Any, Mapping, Optional
 
 import ml_collections
 
@@ -87,3 +96,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 100  # Steps between checkpoints (also saved at the end/SIGTERM).
   c.checkpoint.keep = 3
   return c
+
+
+def load_module(path: str):
+  """The recipe file at `path`, executed as a fresh module (its get_config and constants)."""
+  name = '_cxr_recipe_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None:
+    raise FileNotFoundError(f'No recipe file {path!r}.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load(spec: str, overrides: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
+  """`get_config(ARG)` of the recipe 'FILE.py[:ARG]', then `overrides` ({'a.b': value}).
+
+  As on the command line, an override whose key the config lacks is an error naming
+  the valid keys.
+  """
+  path, _, arg = spec.partition(':')
+  module = load_module(path)
+  config = module.get_config(arg) if arg else module.get_config()
+  for key, value in (overrides or {}).items():
+    message = unknown_key_message(config, key)
+    if message:
+      raise ValueError(f'{key}: {message}')
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def unknown_key_message(config, key: str) -> str:
+  """Why dotted `key` names no field of `config`, with the valid keys; '' when it does."""
+  node, walked = config, 'config'
+  for part in key.split('.'):
+    if not hasattr(node, 'keys'):
+      return f'{walked} is a value, not a section with key {part!r}.'
+    if part not in node:
+      return (f'{walked} has no key {part!r}. '
+              f'Valid keys of {walked}: {", ".join(sorted(node.keys()))}.')
+    node, walked = node[part], f'{walked}.{part}'
+  return ''

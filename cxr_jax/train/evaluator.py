@@ -61,7 +61,7 @@ class Evaluator:
     self.network, self.config = network, config
     self.batch_size = config.eval.batch_size or config.batch_size
     self.batch_sharding = sharding.batch_sharding(mesh)
-    self.classifier = isinstance(getattr(network, 'head', None), (heads.LinearHead, heads.MLPHead))
+    self.classifier = heads.is_classifier(network)
     self.label_smoothing = config.loss.label_smoothing
     data_config = config.data.copy_and_resolve_references()
     with data_config.unlocked():
@@ -97,7 +97,7 @@ class Evaluator:
     return {k: v[valid] for k, v in joined.items()}
 
   def run(self, params, model_state) -> Dict[str, float]:
-    from cxr_jax.eval import metrics  # pylint: disable=g-import-not-at-top
+    from cxr_jax.eval import metrics  # pylint: disable=g-import-not-at-top  scipy: only here.
     out = self.outputs(params, model_state)
     result = {'examples': float(len(out['embedding']))}
     if 'labels' in out:  # CXR findings.

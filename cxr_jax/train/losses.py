@@ -19,9 +19,7 @@ from typing import Dict, Tuple
 import jax
 import jax.numpy as jnp
 
-# Below this squared norm a feature is treated as the zero vector, so normalising it
-# neither divides by zero nor produces an infinite gradient.
-_NORM_EPS_SQUARED = 1e-24
+from cxr_jax.models.heads import l2_normalize
 
 POSITIVE_WEIGHT_MODES = ('same_label', 'any_shared', 'jaccard')
 
@@ -122,13 +120,6 @@ def sigmoid_cross_entropy_mean(logits, targets, mask=None):
 
 # ---------------------------------------------------------------------------
 # Contrastive losses.
-
-
-def l2_normalize(x, axis: int = -1):
-  """x / ||x|| in float32; the zero vector stays zero (finite value and gradient)."""
-  x = _f32(x)
-  squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS_SQUARED))
 
 
 def supcon_loss(features, positive_weights=None, temperature=0.1,

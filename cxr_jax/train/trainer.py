@@ -1,29 +1,22 @@
-"""The one training loop. A stage (`config.trainer`) only chooses the loss and the head.
+"""The one training loop; a stage (`config.trainer`) is one `Stage` entry in `STAGES`.
 
-  supervised  softmax CE on `label` (natural images), or masked sigmoid CE on
-              `labels`/`label_mask` (CXR findings); linear head.
-  supcon      supervised contrastive loss on two views; positives from `abnormal`,
-              any shared finding, or Jaccard overlap (config.loss.positives);
-              projection head, discarded afterwards.
-  simclr      the same contrastive machinery with only the other view as positive.
-  image_text  images against their reports (image_text.py): symmetric InfoNCE with a
-              learned temperature, optionally plus SimCLR/SupCon on the images.
-  finetune    task training from a pretrained backbone, supervised loss;
-              config.finetune.mode: linear (frozen backbone, linear head), mlp
-              (frozen backbone, MLP head), full (everything trains, linear head) or
-              lpft (a linear probe run, then full fine-tuning from it).
+A stage names its network (a builder in `cxr_jax.models`), its loss, and how it starts
+from an earlier run; stage modules register themselves with `add_stage`:
+`train/stages.py` (supervised, supcon, simclr, finetune with LP-FT) and
+`train/image_text.py` (image_text).
 
 Everything else is shared: the device mesh, initialisation from published weights
-or an earlier stage's workdir, the optimizer, exact resume from Orbax checkpoints
-(state, data position and config), periodic evaluation with a kept best checkpoint
-(evaluator.py), SIGTERM handling, non-finite-loss stops, metrics.
+or an earlier stage's workdir (initialization.py), the optimizer, exact resume from
+Orbax checkpoints (state, data position and config), periodic evaluation with a kept
+best checkpoint (evaluator.py), SIGTERM handling, non-finite-loss stops, metrics.
 """
 
+import dataclasses
 import functools
 import json
 import os
 import signal
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Collection, Dict, Sequence, Tuple
 
 from absl import logging
 import flax
@@ -32,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxr_jax import models
 from cxr_jax.data import pipeline
 from cxr_jax.models import heads
+from cxr_jax.models import networks
+from cxr_jax.registry import Registry
 from cxr_jax.train import checkpointing
 from cxr_jax.train import evaluator as evaluator_lib
-from cxr_jax.train import image_text
-from cxr_jax.train import losses
+from cxr_jax.train import initialization
 from cxr_jax.train import metrics as metrics_lib
 from cxr_jax.train import optimizers
 from cxr_jax.train import sharding
@@ -64,145 +57,81 @@ class Preempted(Exception):
     self.workdir, self.step = workdir, step
 
 
-# --- what differs between stages ------------------------------------------------------
+# --- what differs between stages -----------------------------------------------------
 
 
-def _apply(network, params, model_state, images, rng, train: bool):
-  variables = {'params': params, **model_state}
-  if train and model_state:
-    (output, aux), new_state = network.apply(variables, images, train=True,
-                                             mutable=list(model_state), rngs={'dropout': rng})
-    return output, aux, new_state
-  output, aux = network.apply(variables, images, train=train, rngs={'dropout': rng})
-  return output, aux, model_state
+def _backbone_and_head_parts(config, saved_parts: Collection[str]) -> Tuple[str, ...]:
+  del saved_parts
+  return ('backbone', 'head') if config.init.head else ('backbone',)
 
 
-def supervised_loss(network, config, params, model_state, batch, rng):
-  logits, _, new_state = _apply(network, params, model_state, batch['image'], rng, True)
-  if 'label' in batch:  # Single-label classes (natural images); soft after mixup.
-    per_example = losses.softmax_cross_entropy(
-        logits, batch['label'], label_smoothing=config.loss.label_smoothing)
-    loss = jnp.mean(per_example)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == (
-        batch['label'] if batch['label'].ndim == 1 else jnp.argmax(batch['label'], -1)))
-    return loss, (new_state, {'accuracy': accuracy})
-  loss = losses.sigmoid_cross_entropy_mean(logits, batch['labels'], batch['label_mask'])
-  return loss, (new_state, {})
+def _single_phase(config, workdir: str) -> Sequence[Tuple[Any, str]]:
+  return [(config, workdir)]
 
 
-def _contrastive_features(network, params, model_state, batch, rng):
-  images = batch['image']
-  if images.ndim != 5 or images.shape[1] != 2:
-    raise ValueError(f'Contrastive stages need two views per image ([B, 2, H, W, C]); got '
-                     f'{images.shape}. Put two_views in config.data.pp.')
-  flat = images.reshape(-1, *images.shape[2:])
-  projected, _, new_state = _apply(network, params, model_state, flat, rng, True)
-  return projected.reshape(images.shape[0], 2, -1), new_state
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What one `config.trainer` trains.
+
+  Attributes:
+    network: config -> the Flax module trained (a builder in `cxr_jax.models`).
+    loss: (network, config, params, model_state, batch, rng) -> (loss, (new model
+      state, metrics)), on a global batch.
+    init_inputs: config -> keyword inputs of `network.init` (besides rng and train).
+    parts_of_run: (config, top-level parameter names of `config.init.workdir`'s
+      checkpoint) -> the parts taken from it.
+    partial: parts taken from weights or a run may lack leaves this network has (they
+      start fresh); otherwise each part must fit exactly.
+    hint: config -> what must match the run started from, for errors.
+    phases: (config, workdir) -> the runs one training is made of, in order, e.g.
+      LP-FT's linear probe and then its fine-tuning; each resumes on its own.
+  """
+  network: Callable[[Any], Any]
+  loss: Callable[..., Any]
+  init_inputs: Callable[[Any], Dict[str, Any]] = networks.image_inputs
+  parts_of_run: Callable[[Any, Collection[str]], Tuple[str, ...]] = _backbone_and_head_parts
+  partial: bool = False
+  hint: Callable[[Any], str] = lambda config: (
+      f'Continue with the same model_name and head as that run (this run: model '
+      f'{config.model_name}, head {config.head.kind or "default"}).')
+  phases: Callable[[Any, str], Sequence[Tuple[Any, str]]] = _single_phase
 
 
-def supcon_loss(network, config, params, model_state, batch, rng):
-  features, new_state = _contrastive_features(network, params, model_state, batch, rng)
-  if config.loss.positives == 'abnormal':
-    weights = losses.positive_weights(batch['abnormal'], 'same_label')
-  else:
-    weights = losses.positive_weights(batch['labels'], config.loss.positives,
-                                      mask=batch.get('label_mask'))
-  loss, stats = losses.supcon_loss_mean(features, weights, temperature=config.loss.temperature,
-                                        base_temperature=config.loss.base_temperature)
-  return loss, (new_state, stats)
+STAGES = Registry('stage')
 
 
-def simclr_loss(network, config, params, model_state, batch, rng):
-  features, new_state = _contrastive_features(network, params, model_state, batch, rng)
-  per_anchor, stats = losses.simclr_loss(features, temperature=config.loss.temperature)
-  loss = losses.mean_over_valid(per_anchor, stats.pop('anchor_has_positive'))
-  return loss, (new_state, stats)
+def add_stage(name: str, stage: Stage) -> None:
+  """Registers `stage`, and the loop as the trainer of that name."""
+  STAGES.add(name, stage)
+  TRAINERS.add(name, train)
 
 
-STAGES: Dict[str, Tuple[Callable, str]] = {
-    # name: (loss, head kind)
-    'supervised': (supervised_loss, 'linear'),
-    'supcon': (supcon_loss, 'projection'),
-    'simclr': (simclr_loss, 'projection'),
-    'finetune': (supervised_loss, 'linear'),
-    # Image-text contrastive pretraining; its network and loss live in image_text.py.
-    'image_text': (image_text.loss_fn, ''),
-}
-# mode: (head, frozen backbone). lpft's network is full fine-tuning's; train() runs its
-# linear-probe phase first (linear_probe_then_finetune).
-FINETUNE_MODES = {'linear': ('linear', True), 'mlp': ('mlp', True), 'full': ('linear', False),
-                  'lpft': ('linear', False)}
+def _stage(config) -> Stage:
+  if config.trainer not in STAGES:
+    raise ValueError(f'Unknown stage {config.trainer!r}; expected one of '
+                     f'{sorted(STAGES.names())}.')
+  return STAGES.get(config.trainer)
 
 
 # --- building the run -----------------------------------------------------------------
 
 
-def build_network(config) -> heads.Network:
-  if config.trainer == 'image_text':
-    return image_text.build_network(config)
-  backbone = models.build_model(config, num_classes=None)
-  head_kind, frozen = config.head.kind or STAGES[config.trainer][1], False
-  if config.trainer == 'finetune':
-    if config.finetune.mode not in FINETUNE_MODES:
-      raise ValueError(f'finetune.mode={config.finetune.mode!r}; expected one of '
-                       f'{sorted(FINETUNE_MODES)}.')
-    mode_head, frozen = FINETUNE_MODES[config.finetune.mode]
-    head_kind = config.head.kind or mode_head
-  num_classes = config.head.num_classes if head_kind in ('linear', 'mlp') else 0
-  # Runs saved before projection_hidden existed used the head's default width.
-  projection_hidden = config.head.get('projection_hidden', heads.ProjectionHead.hidden)
-  head_args = {'linear': {'bias_init_value': config.head.bias_init},
-               'projection': {'hidden': projection_hidden}}.get(head_kind, {})
-  return heads.Network(backbone, heads.make_head(head_kind, num_classes, **head_args),
-                       frozen_backbone=frozen)
+def build_network(config):
+  """The network that stage `config.trainer` trains, as the config describes it."""
+  return _stage(config).network(config)
 
 
-def initial_variables(network: heads.Network, config, rng) -> Dict[str, Any]:
-  """Fresh init, then the backbone from published weights or an earlier stage's run."""
-  if config.trainer == 'image_text':
-    return image_text.initial_variables(network, config, rng)
-  size = config.init_image_size
-  variables = jax.jit(lambda r: network.init(
-      r, jnp.zeros((1, size, size, 3), jnp.float32), train=False))(rng)
-  variables = flax.core.unfreeze(variables)
-  if config.init.weights and config.init.workdir:
-    raise ValueError('Set config.init.weights or config.init.workdir, not both.')
-  if config.init.weights:
-    loaded = {'backbone': models.load_pretrained(network.backbone, config.init.weights)}
-  elif config.init.workdir:
-    checkpointing.require_complete(config.init.workdir, 'config.init.workdir')
-    loaded = variables_from_workdir(config.init.workdir, head=config.init.head)
-  else:
-    return variables
-  for part, part_variables in loaded.items():
-    for collection, tree in part_variables.items():
-      expected = jax.tree.map(jnp.shape, variables[collection][part])
-      got = jax.tree.map(jnp.shape, tree)
-      if expected != got:
-        raise ValueError(f'The {part} from {config.init.weights or config.init.workdir} does '
-                         f'not fit this run\'s {part} ({collection} shapes differ; model '
-                         f'{config.model_name}, head {config.head.kind or "default"}).')
-      variables[collection][part] = jax.tree.map(jnp.asarray, tree)
-  return variables
-
-
-def variables_from_workdir(workdir: str, head: bool = False) -> Dict[str, Dict[str, Any]]:
-  """{'backbone': variables[, 'head': variables]} of an earlier stage's latest checkpoint."""
-  state, _, _ = checkpointing.read_checkpoint(workdir)
-  parts = ('backbone', 'head') if head else ('backbone',)
-  out = {}
-  for part in parts:
-    if part not in state['params']:
-      raise ValueError(f'The checkpoint in {workdir} has no {part} parameters.')
-    out[part] = {'params': state['params'][part]}
-    for collection, tree in state['model_state'].items():
-      if part in tree:
-        out[part][collection] = tree[part]
-  return out
+def initial_variables(network, config, rng) -> Dict[str, Any]:
+  """Fresh init, then the parts the stage takes from published weights or an earlier run."""
+  stage = _stage(config)
+  return initialization.initial_variables(
+      network, config, rng, init_inputs=stage.init_inputs(config),
+      parts_of_run=functools.partial(stage.parts_of_run, config), partial=stage.partial,
+      hint=stage.hint(config))
 
 
 def make_train_step(network, config, tx) -> Callable:
-  loss_fn = functools.partial(STAGES[config.trainer][0], network, config)
+  loss_fn = functools.partial(_stage(config).loss, network, config)
 
   def train_step(state: State, batch) -> Tuple[State, Dict[str, jax.Array]]:
     rng = jax.random.fold_in(state['rng'], state['step'])
@@ -235,32 +164,6 @@ class _Preemption:
 # --- the loop -------------------------------------------------------------------------
 
 
-def linear_probe_then_finetune(config, workdir: str) -> State:
-  """LP-FT (Kumar et al., 2022): fit a linear head on the frozen backbone first, so that
-  full fine-tuning starts from a good head and distorts the pretrained features less.
-
-  The probe is its own run in WORKDIR/linear_probe (finetune.lp_steps steps, rate
-  finetune.lp_learning_rate); fine-tuning then starts from its backbone and head. Each
-  phase resumes on its own, so re-running the command continues wherever it stopped.
-  """
-  if config.finetune.lp_steps <= 0:
-    raise ValueError('finetune.mode=lpft needs finetune.lp_steps > 0 (the probe phase).')
-  probe = config.copy_and_resolve_references()
-  with probe.unlocked():
-    probe.finetune.mode = 'linear'
-    probe.total_steps = config.finetune.lp_steps
-    probe.optimizer.learning_rate = (config.finetune.lp_learning_rate
-                                     or config.optimizer.learning_rate)
-    probe.eval.best_metric = ''  # The fine-tuning phase keeps the best checkpoint.
-  probe_dir = os.path.join(workdir, 'linear_probe')
-  train(probe, probe_dir)
-  full = config.copy_and_resolve_references()
-  with full.unlocked():
-    full.finetune.mode = 'full'
-    full.init.weights, full.init.workdir, full.init.head = '', probe_dir, True
-  return train(full, workdir)
-
-
 def _with_resolved_findings(config, findings):
   """The config saved with checkpoints names the findings its classifier predicts."""
   if not findings or tuple(config.data.findings) == tuple(findings):
@@ -272,11 +175,14 @@ def _with_resolved_findings(config, findings):
 
 
 def train(config, workdir: str) -> State:
+  """Trains stage `config.trainer` in `workdir` (each of its phases); the final state."""
   sharding.initialize_distributed()
-  if config.trainer not in STAGES:
-    raise ValueError(f'Unknown stage {config.trainer!r}; expected one of {sorted(STAGES)}.')
-  if config.trainer == 'finetune' and config.finetune.mode == 'lpft':
-    return linear_probe_then_finetune(config, workdir)
+  for phase_config, phase_workdir in _stage(config).phases(config, workdir):
+    state = _train(phase_config, phase_workdir)
+  return state
+
+
+def _train(config, workdir: str) -> State:
   mesh = sharding.make_mesh(config.mesh.fsdp, config.mesh.devices)
   sharding.check_batch_size(config.batch_size, mesh.devices.size)
   if config.eval.every and config.eval.batch_size:
@@ -285,8 +191,7 @@ def train(config, workdir: str) -> State:
   data = pipeline.pipeline_from_config(config.data, batch_size=config.batch_size,
                                        seed=config.seed, train=True)
   config = _with_resolved_findings(config, data.findings)
-  classifier = isinstance(getattr(network, 'head', None), (heads.LinearHead, heads.MLPHead))
-  if classifier and data.findings and config.head.num_classes != len(data.findings):
+  if heads.is_classifier(network) and data.findings and config.head.num_classes != len(data.findings):
     raise ValueError(f'config.head.num_classes={config.head.num_classes}, but the data has '
                      f'{len(data.findings)} findings to predict: {list(data.findings)}.')
   rng = jax.random.PRNGKey(config.seed)
@@ -440,6 +345,3 @@ def _evaluate(evaluator, state, step, writer, best, config) -> Dict[str, float]:
       best.save(step, state, None, config=config, metrics={name: results[name]}, force=True)
   return results
 
-
-for _name in STAGES:
-  TRAINERS.add(_name, train)

@@ -34,7 +34,6 @@ refitted (they take seconds).
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from typing import Dict, List, Optional
 
@@ -46,6 +45,7 @@ from cxr_jax import embed
 from cxr_jax import files
 from cxr_jax import inference
 from cxr_jax import probe as probe_lib
+from cxr_jax import tf_process
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import transforms
 from cxr_jax.eval import efficiency
@@ -54,6 +54,7 @@ from cxr_jax.eval import report as report_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import evaluator
+from cxr_jax.train import trainer
 from cxr_jax.train.registry import TRAINERS
 
 IN_SITE = 'in_site'  # The `test_set` of scores on the downstream data's own test split.
@@ -369,7 +370,6 @@ class Study:
     return config
 
   def run_finetuning(self, draws, truth):
-    from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
     study = self.config.finetune
     budgets = finetune_budgets(self.config)
     for network in study.networks:
@@ -460,17 +460,9 @@ class Study:
     output = os.path.join(self.workdir, 'saved_model')
     if os.path.exists(os.path.join(output, 'saved_model.pb')):
       return output
-    log_path = os.path.join(self.workdir, 'export.log')
-    with open(log_path, 'w') as log:  # TensorFlow stays out of this process.
-      code = subprocess.call([sys.executable, '-m', 'cxr_jax.export', '--workdir',
-                              self.config.networks[network], '--output', output],
-                             stdout=log, stderr=subprocess.STDOUT)
-    if code:
-      with open(log_path) as log:  # Its last line is the cause (a full disk, say).
-        lines = [line.strip() for line in log if line.strip()]
-      raise RuntimeError(f'Exporting {network} failed: {lines[-1] if lines else "no output"} '
-                         f'(the whole log is {log_path}). Nothing of the export was left '
-                         'behind; re-running the study exports again.')
+    tf_process.run_python(['-m', 'cxr_jax.export', '--workdir', self.config.networks[network],
+                           '--output', output], os.path.join(self.workdir, 'export.log'),
+                          f'Exporting {network}')
     return output
 
   def write_report(self, summary, figures, exported, truth, separation):

@@ -16,14 +16,17 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr_jax import inference
+from cxr_jax import zero_shot as zero_shot_tool
 from cxr_jax.data import pipeline
 from cxr_jax.data import synthetic
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.eval import zero_shot
+from cxr_jax.models import image_text as image_text_models
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
+from cxr_jax.train import tokenizer as tokenizer_trainer
 from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,9 +74,9 @@ def text_side(tmp_path_factory):
   config = image_text.add_config_fields(config_lib.base_config())
   config.trainer, config.model_name = 'image_text', 'bit-tiny'
   config.text.tokenizer, config.text.max_len, config.head.embed_dim = path, TEXT_MAX_LEN, 8
-  network = image_text.build_network(config)
+  network = image_text_models.build_network(config)
   variables = jax.jit(lambda r, t: network.init(
-      r, t, method=image_text.ImageTextNetwork.encode_text))(
+      r, t, method=image_text_models.ImageTextNetwork.encode_text))(
           jax.random.PRNGKey(0), jnp.ones((1, TEXT_MAX_LEN), jnp.int32))
   model = inference.Model(config=config, network=network, variables=variables)
   return model, network, variables, tokenizer_lib.Tokenizer.load(path)
@@ -89,7 +92,7 @@ def test_prompt_ensembles_average_their_phrasings(text_side):
   # The reference applies the text tower directly to the tokenized phrases.
   texts = ['A nodule.', 'Rounded nodule.', 'Pneumothorax.', 'No pneumothorax.', 'No nodule.']
   encoded = dict(zip(texts, np.asarray(jax.jit(lambda v, t: network.apply(
-      v, t, method=image_text.ImageTextNetwork.encode_text))(
+      v, t, method=image_text_models.ImageTextNetwork.encode_text))(
           variables, tokenizer.encode(texts, TEXT_MAX_LEN)))))
   encode = encoded.get
   mean = encode('A nodule.') + encode('Rounded nodule.')
@@ -130,14 +133,14 @@ def test_a_run_without_a_text_tower_is_refused_by_name(monkeypatch):
   monkeypatch.setattr(inference, 'load_run', lambda path, step=None: loaded.append(path) or model)
   with pytest.raises(ValueError, match=re.escape(
       f"{workdir} (trainer 'supcon') is not an image-text run")):
-    zero_shot.zero_shot_from_workdir(workdir, data='no_such_dataset')
+    zero_shot_tool.zero_shot_from_workdir(workdir, data='no_such_dataset')
   assert loaded == [workdir]
 
 
 def train_briefly(config, workdir, steps):
   """A short image-text run saved as the training loop saves it (adamw on `loss_fn`)."""
-  network = image_text.build_network(config)
-  variables = image_text.initial_variables(network, config, jax.random.PRNGKey(0))
+  network = image_text_models.build_network(config)
+  variables = trainer.initial_variables(network, config, jax.random.PRNGKey(0))
   params = variables.pop('params')
   optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0, 2e-3, 20, steps),
                           weight_decay=0.01)
@@ -169,7 +172,7 @@ def test_short_run_gives_zero_shot_auroc_well_above_chance(tmp_path):
   name = synthetic_builders.prepare(synthetic_builders.make_cxr_config(
       'A', image_size=32, num_examples=400), data_dir)
   tokenizer_path = str(tmp_path / 'tokenizer.json')
-  tokenizer_lib.Tokenizer.train(tokenizer_lib.reports_of(name, 'train', data_dir), 500,
+  tokenizer_lib.Tokenizer.train(tokenizer_trainer.reports_of(name, 'train', data_dir), 500,
                                 source=f'{name}:train').save(tokenizer_path)
   config = image_text.add_config_fields(config_lib.base_config())
   config.trainer = 'image_text'

@@ -14,6 +14,7 @@ from cxr_jax.data import synthetic
 from cxr_jax.data import transforms
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.text import tokenizer as tokenizer_lib
+from cxr_jax.train import tokenizer as tokenizer_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPORTS = [synthetic.study_metadata(i, site='A')['report'] for i in range(150)]
@@ -157,7 +158,7 @@ def site_a(tmp_path_factory):
 
 
 def _trainer_config(name, data_dir, **settings):
-  config = tokenizer_lib.default_config()
+  config = tokenizer_trainer.default_config()
   config.data.name, config.data.data_dir = name, data_dir
   config.update(settings)
   return config
@@ -171,10 +172,10 @@ def _content(path):
 def test_trainer_writes_the_tokenizer_and_resumes(site_a, tmp_path):
   name, data_dir = site_a
   config = _trainer_config(name, data_dir, vocab_size=350, sections='findings')
-  summary = tokenizer_lib.run(config, str(tmp_path / 'run'))
+  summary = tokenizer_trainer.run(config, str(tmp_path / 'run'))
   output = str(tmp_path / 'run' / 'tokenizer.json')
   # The reference: the split's reports read here, trained on directly.
-  reports = list(tokenizer_lib.reports_of(name, 'train', data_dir))
+  reports = list(tokenizer_trainer.reports_of(name, 'train', data_dir))
   reference = tokenizer_lib.Tokenizer.train(reports, 350, sections='findings',
                                             source=f'{name}:train')
   reference.save(str(tmp_path / 'reference.json'))
@@ -184,22 +185,22 @@ def test_trainer_writes_the_tokenizer_and_resumes(site_a, tmp_path):
 
   # A re-run keeps the file as it is (the same inode and time), and says what it holds.
   before = os.stat(output)
-  assert tokenizer_lib.run(config, str(tmp_path / 'run')) == summary
+  assert tokenizer_trainer.run(config, str(tmp_path / 'run')) == summary
   after = os.stat(output)
   assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
   # ... unless the config asks for another tokenizer: an error, not a silent mismatch.
   with pytest.raises(ValueError, match=r"'max_vocab_size': \(350, 500\)"):
-    tokenizer_lib.run(_trainer_config(name, data_dir, vocab_size=500, sections='findings'),
+    tokenizer_trainer.run(_trainer_config(name, data_dir, vocab_size=500, sections='findings'),
                       str(tmp_path / 'run'))
   with pytest.raises(ValueError, match='config.data.name is empty'):
-    tokenizer_lib.run(_trainer_config('', data_dir), str(tmp_path / 'empty'))
+    tokenizer_trainer.run(_trainer_config('', data_dir), str(tmp_path / 'empty'))
 
   # Several splits, as the command line takes them: read in order, all recorded.
-  both = tokenizer_lib.train_on_datasets([(name, 'train'), (name, 'validation')], 350,
+  both = tokenizer_trainer.train_on_datasets([(name, 'train'), (name, 'validation')], 350,
                                          data_dir=data_dir)
   assert both.corpus['source'] == f'{name}:train,{name}:validation'
   assert both.corpus['reports'] == len(reports) + len(list(
-      tokenizer_lib.reports_of(name, 'validation', data_dir)))
+      tokenizer_trainer.reports_of(name, 'validation', data_dir)))
 
 
 def test_command_line_writes_what_the_trainer_writes(site_a, tmp_path):
@@ -213,14 +214,14 @@ def test_command_line_writes_what_the_trainer_writes(site_a, tmp_path):
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
-  assert summary['reports'] == len(list(tokenizer_lib.reports_of(name, 'train', data_dir))) > 0
+  assert summary['reports'] == len(list(tokenizer_trainer.reports_of(name, 'train', data_dir))) > 0
   tokenizer = tokenizer_lib.Tokenizer.load(str(output))
   assert tokenizer.sections == 'impression'
   assert tokenizer.corpus['source'] == f'{name}:train'
   assert tokenizer.vocab_size <= 400
   config = _trainer_config(name, data_dir, vocab_size=400, sections='impression',
                            min_frequency=3)
-  assert tokenizer_lib.run(config, str(tmp_path / 'run'))['output'] == str(
+  assert tokenizer_trainer.run(config, str(tmp_path / 'run'))['output'] == str(
       tmp_path / 'run' / 'tokenizer.json')
   assert _content(str(tmp_path / 'run' / 'tokenizer.json')) == _content(str(output))
   bad = subprocess.run([sys.executable, '-m', 'cxr_jax.text.tokenizer', '--data=nosplit',

@@ -1,7 +1,6 @@
 """Chaining recipes: references between stages, their files and datasets (into fields
 computed from them too), the tokenizer stage, and bad chains named."""
 
-import importlib.util
 import os
 import random
 import signal
@@ -16,11 +15,11 @@ import pytest
 
 from cxr_jax import main
 from cxr_jax import train
-from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import chain
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
+from cxr_jax.train import tokenizer as tokenizer_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,7 +91,7 @@ def test_bad_references_are_named(value, message):
 
 def test_references_to_later_stages_stop_the_chain_before_it_runs(tmp_path):
   later = _image_text_stage('@tokenizer/tokenizer.json')
-  tokenizer_stage = tokenizer_lib.default_config()
+  tokenizer_stage = tokenizer_trainer.default_config()
   tokenizer_stage.data.name, tokenizer_stage.data.data_dir = '@site_a', '@data_dir'
   config = ml_collections.ConfigDict({
       'trainer': 'chain', 'data_dir': str(tmp_path / 'tfds'),
@@ -108,16 +107,12 @@ def test_references_to_later_stages_stop_the_chain_before_it_runs(tmp_path):
 
 
 def test_the_tokenizer_trainer_is_registered():
-  assert train.TRAINERS.get('tokenizer') is tokenizer_lib.run
+  assert train.TRAINERS.get('tokenizer') is tokenizer_trainer.run
 
 
 @pytest.mark.parametrize('data', ['synthetic', 'real'])
 def test_pretraining_comparison_trains_the_tokenizer_its_image_text_stage_reads(data):
-  spec = importlib.util.spec_from_file_location(
-      '_pretraining_comparison', os.path.join(REPO, 'configs', 'pretraining_comparison.py'))
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  config = recipe.get_config(data)
+  config = config_lib.load(os.path.join(REPO, 'configs', f'pretraining_comparison.py:{data}'))
   chain.check_stages(config)  # Every reference names something before it.
   order = list(config.order)
   assert order.index('tokenizer') < order.index('image_text')

@@ -1,7 +1,6 @@
 """Image-text pretraining: the loss against NumPy, the network's layout, the data path,
 initialisation from earlier runs, the recipes, and the same loss on 1 and 8 devices."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,11 +19,13 @@ from cxr_jax.data import synthetic
 from cxr_jax.data import transforms
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.models import heads
+from cxr_jax.models import image_text as image_text_models
 from cxr_jax.text import tokenizer as tokenizer_lib
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import image_text
 from cxr_jax.train import sharding
+from cxr_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,7 +82,7 @@ def test_same_text_is_row_equality():
 
 def test_temperature_is_learnt_and_clipped_at_100():
   for temperature, scale, moves in ((0.07, 1 / 0.07, True), (0.001, 100.0, False)):
-    head = image_text.ImageTextHead(8, init_temperature=temperature)
+    head = image_text_models.ImageTextHead(8, init_temperature=temperature)
     variables = head.init(jax.random.PRNGKey(0), method='logit_scale')
     np.testing.assert_allclose(head.apply(variables, method='logit_scale'), scale, rtol=1e-5)
     gradient = jax.grad(lambda v: head.apply(v, method='logit_scale'))(variables)
@@ -131,8 +132,8 @@ class SmallBackbone(nn.Module):
 
 
 def small_network(config):
-  """`image_text.build_network(config)` with SmallBackbone as the image tower."""
-  network = image_text.build_network(config)
+  """`image_text_models.build_network(config)` with SmallBackbone as the image tower."""
+  network = image_text_models.build_network(config)
   return network.clone(backbone=SmallBackbone())
 
 
@@ -140,7 +141,7 @@ def small_network(config):
 def small(tokenizer_path):
   config = tiny_config(tokenizer_path)
   network = small_network(config)
-  return config, network, image_text.initial_variables(network, config, jax.random.PRNGKey(0))
+  return config, network, trainer.initial_variables(network, config, jax.random.PRNGKey(0))
 
 
 def random_batch(size, views=0, max_len=16, seed=0):
@@ -157,8 +158,8 @@ def random_batch(size, views=0, max_len=16, seed=0):
 
 def test_network_layout_keeps_the_backbone_of_other_stages(tokenizer_path):
   config = tiny_config(tokenizer_path)
-  network = image_text.build_network(config)
-  variables = image_text.initial_variables(network, config, jax.random.PRNGKey(0))
+  network = image_text_models.build_network(config)
+  variables = trainer.initial_variables(network, config, jax.random.PRNGKey(0))
   params = variables['params']
   assert set(params) == {'backbone', 'text', 'head'}
   assert set(params['head']) == {'image_projection', 'text_projection', 'log_logit_scale'}
@@ -174,7 +175,7 @@ def test_network_layout_keeps_the_backbone_of_other_stages(tokenizer_path):
     # Both sides, and each side alone: embed/export call with images only, zero-shot
     # encodes prompts.
     return (network.apply(variables, images, tokens), network.apply(variables, images),
-            network.apply(variables, tokens, method=image_text.ImageTextNetwork.encode_text))
+            network.apply(variables, tokens, method=image_text_models.ImageTextNetwork.encode_text))
 
   (outputs, aux), (image_side, image_aux), text_side = forward(
       variables, batch['image'], batch['text'])
@@ -261,7 +262,7 @@ def test_initialisation_from_earlier_runs(small, tmp_path, data_dir):
   dapt = tiny_config(config.text.tokenizer, image_only='simclr')
   dapt.init.workdir = str(tmp_path / 'image_text')
   dapt_network = small_network(dapt)
-  fresh = image_text.initial_variables(dapt_network, dapt, jax.random.PRNGKey(1))
+  fresh = trainer.initial_variables(dapt_network, dapt, jax.random.PRNGKey(1))
   loaded = flat(fresh['params'])
   for path, value in flat(trained).items():
     np.testing.assert_array_equal(loaded[path], value, err_msg=path)
@@ -273,7 +274,7 @@ def test_initialisation_from_earlier_runs(small, tmp_path, data_dir):
   save_run(str(tmp_path / 'supcon'), supcon, config, data_dir)
   config_b = tiny_config(config.text.tokenizer)
   config_b.init.workdir = str(tmp_path / 'supcon')
-  from_supcon = flat(image_text.initial_variables(network, config_b, jax.random.PRNGKey(0))[
+  from_supcon = flat(trainer.initial_variables(network, config_b, jax.random.PRNGKey(0))[
       'params'])
   original = flat(variables['params'])
   for path, value in from_supcon.items():
@@ -286,14 +287,11 @@ def test_initialisation_from_earlier_runs(small, tmp_path, data_dir):
   wider.init.workdir = str(tmp_path / 'image_text')
   with pytest.raises(ValueError, match=r'params/head/image_projection/kernel has shape '
                                        r'\(8, 16\), the model expects \(8, 24\)'):
-    image_text.initial_variables(small_network(wider), wider, jax.random.PRNGKey(0))
+    trainer.initial_variables(small_network(wider), wider, jax.random.PRNGKey(0))
 
 
 def load_recipe(name, *args):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  return config_lib.load(':'.join((os.path.join(REPO, 'configs', name), *args)))
 
 
 def test_recipes_tie_the_tokenizer_into_the_data_pipeline(tokenizer_path):
@@ -319,13 +317,14 @@ import json, sys
 import flax, jax, numpy as np
 sys.path.insert(0, {tests_dir!r})
 from test_image_text import random_batch, tiny_config
-from cxr_jax.train import image_text, sharding
+from cxr_jax.models import image_text as image_text_models
+from cxr_jax.train import image_text, sharding, trainer
 assert jax.device_count() == 8
 out = {{}}
 for image_only in ('', 'simclr'):
   config = tiny_config({tokenizer!r}, image_only=image_only)
-  network = image_text.build_network(config)
-  variables = image_text.initial_variables(network, config, jax.random.PRNGKey(0))
+  network = image_text_models.build_network(config)
+  variables = trainer.initial_variables(network, config, jax.random.PRNGKey(0))
   params = variables.pop('params')
   batch = random_batch(16, views=2 if image_only else 0)
   results = []

@@ -18,7 +18,9 @@ from cxr_jax import main
 from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from cxr_jax.train import checkpointing
+from cxr_jax.train import config_lib
 from cxr_jax.train import evaluator
+from cxr_jax.train import initialization
 from cxr_jax.train import sharding
 from cxr_jax.train import trainer
 
@@ -55,16 +57,7 @@ def overrides(data_dir, stage='supervised', **extra):
 
 def config_for(stage, flags):
   config_file = 'supervised_natural.py' if stage == 'supervised' else 'supcon_cxr.py'
-  module = {}
-  exec(open(os.path.join(REPO, 'configs', config_file)).read(), module)  # pylint: disable=exec-used
-  config = module['get_config']()
-  for key, value in flags.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_lib.load(os.path.join(REPO, 'configs', config_file), flags)
 
 
 def run_main(stage, flags, workdir):
@@ -84,7 +77,7 @@ def log_of(workdir):
 
 def final_params(workdir):
   """The params of the latest checkpoint, as a flat dict of NumPy arrays."""
-  backbone = trainer.variables_from_workdir(str(workdir))['backbone']
+  backbone = initialization.variables_from_workdir(str(workdir))['backbone']
   return {'/'.join(map(str, k)): np.asarray(v) for k, v in
           flax.traverse_util.flatten_dict(backbone['params']).items()}
 

@@ -2,7 +2,6 @@
 side by side with in-site ones (checked against scikit-learn on the files it keeps)."""
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -104,11 +103,9 @@ def test_bad_external_sets_are_named(external, message):
 
 
 def test_external_sets_come_from_the_recipe_argument_and_chain_references():
-  spec = importlib.util.spec_from_file_location(
-      '_transfer_study_recipe', os.path.join(REPO, 'configs', 'transfer_study.py'))
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  config = recipe.get_config('site_c=@site_c, nih=nih_cxr14')
+  path = os.path.join(REPO, 'configs', 'transfer_study.py')
+  config = config_lib.load(path + ':site_c=@site_c, nih=nih_cxr14')
+  recipe = config_lib.load_module(path)
   sets = transfer_study.eval_sets(chain.resolve(config, {'site_c': 'synthetic_cxr/c_32px'}))
   assert [(s.key, s.source, s.finding) for s in sets] == [
       ('in_site', 'synthetic_cxr/site_b:test', FINDING), ('nih', 'nih_cxr14:test', FINDING),

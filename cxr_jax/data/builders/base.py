@@ -35,6 +35,8 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cxr_jax.data import images
+
 ON_ERROR = ('raise', 'skip')
 
 
@@ -265,7 +267,6 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             for split in self._split_names()}
 
   def _read_pixels(self, record: Record) -> np.ndarray:
-    from cxr_jax.data import images  # pylint: disable=g-import-not-at-top
     if record.pixels is not None:
       return record.pixels
     return images.read_image(record.image_path)

@@ -259,7 +259,7 @@ class CxrManifest(base.CxrBuilder):
     spec = self.builder_config.spec
     info.metadata['manifest'] = dict(spec)
     if self._mines():
-      from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+      from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top  spaCy.
       columns = self._metadata_columns(self._path(spec['csv']))
       info.metadata['labels'] = {
           'source': 'mined', 'labeler': labeler.LABELER_VERSION,
@@ -336,7 +336,7 @@ class CxrManifest(base.CxrBuilder):
   def _mine(self, listing, csv_path: str, columns: Dict[str, str],
             line_of: Dict[str, int]) -> None:
     """Replaces each record's labels by the labeler's reading of its report."""
-    from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+    from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top  spaCy.
     if 'report' not in columns:
       raise ValueError(f'{csv_path}: "mine_labels" needs a report column; add a "report" '
                        'column or name one in "columns".')

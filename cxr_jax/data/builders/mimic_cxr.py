@@ -158,7 +158,7 @@ class MimicCxr(base.CxrBuilder):
 
   def _mined_records(self, split, manual_dir, tables, reports):
     """The split's records with labels mined from their reports, in one labeler batch."""
-    from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top
+    from cxr_jax.text import labeler  # pylint: disable=g-import-not-at-top  spaCy.
     records = []
     for row in tables.images:
       dicom, subject, study = row[DICOM].strip(), row[SUBJECT].strip(), row[STUDY].strip()
