@@ -24,10 +24,10 @@ else
 fi
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  MODELS=bit-tiny BATCH=4 SIZE=64 STEPS=1 IMAGES=16 PNG_SIZE=128 BATCHES=2
+  MODELS=bit-tiny BATCH=4 SIZE=64 STEPS=1 IMAGES=16 PNG_BATCH=8 BATCHES=2
 else
   # Batch 256 per step (SupCon: 128 images x 2 views), as large as fits without remat.
-  MODELS=bit-r50x1,efficientnet-b0 BATCH=256 SIZE=224 STEPS=10 IMAGES=512 PNG_SIZE=512 BATCHES=24
+  MODELS=bit-r50x1,efficientnet-b0 BATCH=256 SIZE=224 STEPS=10 IMAGES=512 PNG_BATCH=32 BATCHES=24
 fi
 CORES=$(nproc)
 
@@ -44,5 +44,6 @@ timeout 90 python3 benchmarks/model_throughput.py --models "$MODELS" --batch_siz
   | tee "$OUT_DIR/inference.md"
 
 echo "== input pipeline, $CORES cores"
-timeout 90 python3 benchmarks/input_pipeline.py --workers "$CORES" --num_images "$IMAGES" \
-  --image_size "$PNG_SIZE" --num_batches "$BATCHES" --grain_only | tee "$OUT_DIR/input.md"
+timeout 150 python3 benchmarks/input_pipeline.py --workers "$CORES" --num_images "$IMAGES" \
+  --batch_size "$PNG_BATCH" --num_batches "$BATCHES" --phantoms 0 --grain_only \
+  | tee "$OUT_DIR/input.md"

@@ -143,6 +143,8 @@ def main():
   parser.add_argument('--num_batches', type=int, default=12)
   parser.add_argument('--workers', type=int, default=os.cpu_count())
   parser.add_argument('--cv2_threads', type=int, default=1)
+  parser.add_argument('--grain_only', action='store_true',
+                      help='leave out the tf.data rows (hosts without TensorFlow)')
   parser.add_argument('--phantoms', type=int, default=16,
                       help='synthetic CXR phantoms to measure stored sizes on (0: none)')
   args = parser.parse_args()
@@ -156,12 +158,14 @@ def main():
           for name, data in forms.items()]
   rows.append((f'grain, in-process (1 core), raw uint16 {args.stored_size} px, random_crop '
                'instead of inception_crop', *grain_rate(raw, *batches, 0, PP_NO_RESIZE)))
-  rows.append(('tf.data, 1 thread, PNG 16-bit 512 px', *tf_rate(png, *batches, 1)))
+  if not args.grain_only:
+    rows.append(('tf.data, 1 thread, PNG 16-bit 512 px', *tf_rate(png, *batches, 1)))
   for name, data in (('PNG 16-bit 512 px', png), (f'raw uint16 {args.stored_size} px', raw)):
     rows.append((f'grain, {args.workers} workers, {name}',
                  grain_rate(data, *batches, args.workers)[0], None))
-  rows.append((f'tf.data, {args.workers} threads, PNG 16-bit 512 px',
-               tf_rate(png, *batches, args.workers)[0], None))
+  if not args.grain_only:
+    rows.append((f'tf.data, {args.workers} threads, PNG 16-bit 512 px',
+                 tf_rate(png, *batches, args.workers)[0], None))
 
   print(f'host: {platform.machine()}, {os.cpu_count()} cores; {args.num_images} '
         f'{args.image_size}px 16-bit PNGs and their stored forms; batch {args.batch_size}; '
@@ -172,10 +176,10 @@ def main():
   rates = {name: (rate, per_cpu) for name, rate, per_cpu in rows}
   base = rates['grain, in-process (1 core), PNG 16-bit 512 px']
   fast = rates[f'grain, in-process (1 core), raw uint16 {args.stored_size} px']
-  tf_one = rates['tf.data, 1 thread, PNG 16-bit 512 px']
+  tf_one = rates.get('tf.data, 1 thread, PNG 16-bit 512 px')
   print(f'\nratio raw uint16 {args.stored_size} / PNG 512, 1 core: {fast[0] / base[0]:.2f} wall, '
-        f'{fast[1] / base[1]:.2f} per CPU-second; grain/tf.data (PNG 512, 1 core): '
-        f'{base[0] / tf_one[0]:.2f}')
+        f'{fast[1] / base[1]:.2f} per CPU-second' +
+        (f'; grain/tf.data (PNG 512, 1 core): {base[0] / tf_one[0]:.2f}' if tf_one else ''))
 
   print('\n| stored form | bytes per image, benchmark images | bytes per image, CXR phantoms |'
         '\n|---|---|---|')
