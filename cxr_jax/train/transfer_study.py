@@ -191,7 +191,7 @@ class Study:
     if not config.networks:
       raise ValueError('config.networks is empty: name at least one pretrained workdir.')
     self.eval_sets = eval_sets(config)
-    finetune_budgets(config)  # An unknown budget fails before any work.
+    self.finetune_budgets = finetune_budgets(config)  # Unknown ones fail before any work.
 
   def model(self, workdir: str) -> inference.Model:
     model = inference.load_run(workdir)
@@ -371,12 +371,11 @@ class Study:
 
   def run_finetuning(self, draws, truth):
     study = self.config.finetune
-    budgets = finetune_budgets(self.config)
     for network in study.networks:
       modes = ('full',) if network == 'scratch' else study.modes
       for mode in modes:
         for (budget, draw), indices in draws.items():
-          if draw >= study.draws or budget not in budgets:
+          if draw >= study.draws or budget not in self.finetune_budgets:
             continue
           run_dir = os.path.join(self.workdir, 'finetune', f'{network}_{mode}_{budget}_{draw}')
           trainer.train(self.finetune_config(network, mode, indices, draw), run_dir)
