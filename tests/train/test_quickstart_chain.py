@@ -29,7 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OVERRIDES = {
     'stages.cxr.batch_size': 32,
     'stages.study.budgets': '(10, 45, 100)', 'stages.study.probes': "('linear',)",
-    'stages.study.finetune.networks': '()', 'stages.study.export.network': '',
+    'stages.study.finetune.networks': '()', 'stages.study.finetune.budgets': '()',
+    'stages.study.export.network': '',
 }
 ASSERTED_BUDGETS = ('45', '100')
 
