@@ -8,6 +8,7 @@ no pretraining recipe will make its embedding beat them with a few.
 
   python benchmarks/learnability.py                                  # quickstart's world
   python benchmarks/learnability.py --variability 2.5                # more positioning spread
+  python benchmarks/learnability.py --opacity_texture 1              # mottled opacities
   python benchmarks/learnability.py --steps 400 --crop 56 \\
       --pp "decode|resize(64)|window|random_crop(56)|flip_lr|value_range(-1, 1, 0, 1)|rgb" \\
       --pp_eval "decode|resize(64)|window|central_crop(56)|value_range(-1, 1, 0, 1)|rgb"
@@ -47,6 +48,7 @@ def parse_args():
   p.add_argument('--size', type=int, default=32)
   p.add_argument('--severity', type=float, nargs=2, default=(0.8, 1.0))
   p.add_argument('--variability', type=float, default=1.0)
+  p.add_argument('--opacity_texture', type=float, default=0.0)
   p.add_argument('--finding', default='airspace_opacity')
   p.add_argument('--model', default='bit-tiny')
   p.add_argument('--steps', type=int, default=800, help='network steps; 0 = pixels only')
@@ -59,7 +61,8 @@ def parse_args():
 
 def _render(index, args):
   e = synthetic.generate_cxr(index, site=args.site, image_size=args.size, label_noise=0.0,
-                             severity_range=tuple(args.severity), variability=args.variability)
+                             severity_range=tuple(args.severity), variability=args.variability,
+                             opacity_texture=args.opacity_texture)
   return e['image'], e['true_labels'], e['patient_id']
 
 

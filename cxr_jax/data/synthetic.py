@@ -397,6 +397,17 @@ def check_variability(variability) -> float:
   return value
 
 
+def check_opacity_texture(opacity_texture) -> float:
+  """`opacity_texture` as a float in [0, 1], or a ValueError naming the value."""
+  try:
+    value = float(opacity_texture)
+  except (TypeError, ValueError):
+    raise ValueError(f'opacity_texture must be a number, got {opacity_texture!r}.') from None
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f'opacity_texture must be in [0, 1], got {opacity_texture!r}.')
+  return value
+
+
 def _sample_study(index, seed, site, label_noise, findings_override,
                   severity_range=(0.0, 1.0), variability=1.0):
   _check_seed_index(seed, index)
@@ -991,11 +1002,21 @@ def _lung_point(anatomy, domes, side, height, lateral):
   return float(side * (lo + lateral * max(hi - lo, 0.02))), float(v)
 
 
-def _airspace_opacity(frame, anatomy, domes, params):
+def _airspace_opacity(frame, anatomy, domes, params, texture=0.0):
+  """A fluffy consolidation; with `texture` > 0, part of it breaks into mottled blobs.
+
+  Mottling keeps the opacity's place and extent but leaves aerated lung between fine
+  blobs (about 12 across the film), so much less density is added on average: a
+  convolution sees the blobs' edges, area-averaged pixels mostly lose them.
+  """
   fill = np.zeros_like(frame.u)
   sides = (-1, 1) if params['bilateral'] else (params['side'],)
   patches = _smooth_noise(np.random.default_rng(params['field_seed']), frame.size, 22)
   strength = 0.25 + 0.65 * params['severity']
+  if texture:
+    # Its own stream, so the smooth opacity (texture 0) draws exactly what it always did.
+    grain = _smooth_noise(np.random.default_rng([params['field_seed'], 1]), frame.size, 12)
+    strength = strength * ((1 - texture) + texture * _ramp(grain - 0.3, 0.5))
   for side in sides:
     cu, cv = _lung_point(anatomy, domes, side, params['height'], params['lateral'])
     r2 = (frame.u - cu) ** 2 + (frame.v - cv) ** 2
@@ -1179,7 +1200,7 @@ def _burn_marker(image, site: SiteProfile, view: str):
 # Rendering.
 
 
-def _render_density(study: _Study, frame: _Frame) -> np.ndarray:
+def _render_density(study: _Study, frame: _Frame, opacity_texture: float = 0.0) -> np.ndarray:
   anatomy, findings = study.anatomy, study.findings
   domes = _domes(anatomy)
   lift = _dome_lift(findings)
@@ -1204,7 +1225,8 @@ def _render_density(study: _Study, frame: _Frame) -> np.ndarray:
     np.maximum(fill, f, out=fill)
 
   if present['airspace_opacity']:
-    add_fill(_airspace_opacity(frame, anatomy, domes, findings['airspace_opacity']))
+    add_fill(_airspace_opacity(frame, anatomy, domes, findings['airspace_opacity'],
+                               opacity_texture))
   if present['pleural_effusion']:
     # Fluid lies on the diaphragm, raised or not.
     bases = {side: domes[side] - lift[side] for side in domes}
@@ -1340,7 +1362,8 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
                  label_noise: float = 0.1,
                  findings_override: Optional[Mapping[str, bool]] = None,
                  severity_range: Tuple[float, float] = (0.0, 1.0),
-                 mine_labels: bool = False, variability: float = 1.0) -> dict:
+                 mine_labels: bool = False, variability: float = 1.0,
+                 opacity_texture: float = 0.0) -> dict:
   """One synthetic frontal chest radiograph with labels, metadata and report.
 
   Args:
@@ -1362,6 +1385,11 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
       archives vary more (2 to 3), which is what keeps a linear model on raw pixels
       from finding findings by their place in the image. The same draws are made at
       every value, so a study's patient, findings and report do not depend on it.
+    opacity_texture: in [0, 1], how much of an airspace opacity's density breaks into
+      mottled blobs instead of an even haze: 0 (the default) is the haze, 1 is fully
+      mottled. Mottling is what raw pixels lose and a convolution keeps (issue 13):
+      it lowers a linear model on downsampled pixels while the finding stays where
+      and as large as it was. Labels, reports and every other pixel are unchanged.
 
   Returns:
     dict with 'image' uint16 [H, W]; 'true_labels' int8 [K] (0/1, order of
@@ -1374,7 +1402,8 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
   study = _sample_study(index, seed, site, label_noise, findings_override, severity_range,
                         variability)
   frame = _patient_frame(int(image_size), study.anatomy)
-  display = _expose(_render_density(study, frame), study, frame)
+  density = _render_density(study, frame, check_opacity_texture(opacity_texture))
+  display = _expose(density, study, frame)
   example = _metadata(study, mine_labels)
   example['image'] = _quantise(display, SITES[site].bits)
   return example

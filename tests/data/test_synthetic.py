@@ -344,6 +344,35 @@ def test_severity_range_rescales_every_severity_and_changes_nothing_else():
                                                              for i in range(6))
 
 
+def test_opacity_texture_mottles_the_opacity_where_it_was_and_nothing_else():
+  """Texture breaks an airspace opacity's density into blobs inside the same area: less
+  density on average, more of it at fine scale; films without the finding are as before."""
+
+  def added_density(index, texture):
+    densities = []
+    for flag in (False, True):
+      study = synthetic._sample_study(index, 9, 'B', 0.1,
+                                      {**ALL_OFF, 'airspace_opacity': flag})
+      frame = synthetic._patient_frame(64, study.anatomy)
+      densities.append(synthetic._render_density(study, frame, texture))
+    return densities[1] - densities[0]  # Opacity replaces air: density goes up.
+
+  for index in range(4):
+    smooth, mottled = added_density(index, 0.0), added_density(index, 1.0)
+    assert smooth.max() > 0.05
+    assert np.all(mottled[smooth <= 1e-6] <= 1e-6)  # Only where the opacity is.
+    assert mottled.sum() < 0.7 * smooth.sum()
+    fine = lambda d: np.abs(d - ndimage.gaussian_filter(d, 2.0)).sum() / d.sum()
+    assert fine(mottled) > 1.25 * fine(smooth), (fine(mottled), fine(smooth))
+  without = {**ALL_OFF, 'cardiomegaly': True}
+  np.testing.assert_array_equal(
+      synthetic.generate_cxr(5, image_size=32, findings_override=without)['image'],
+      synthetic.generate_cxr(5, image_size=32, findings_override=without,
+                             opacity_texture=1.0)['image'])
+  with pytest.raises(ValueError, match="opacity_texture must be a number, got 'rough'"):
+    synthetic.generate_cxr(0, opacity_texture='rough')
+
+
 def test_variability_widens_positioning_and_acquisition_only():
   """Shift, rotation, zoom and exposure move away from their centred values in
   proportion to `variability`; patients, findings, labels and reports are drawn as

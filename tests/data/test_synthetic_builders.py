@@ -124,6 +124,21 @@ def test_variability_is_in_the_name_and_the_records():
     synthetic_builders.make_cxr_config('B', variability=-1)
 
 
+def test_opacity_texture_is_in_the_name_and_the_records():
+  config = synthetic_builders.make_cxr_config('B', image_size=32, num_examples=40,
+                                              opacity_texture=0.5)
+  assert config.name == 'site_b_32px_40_noise10_texture0.5_seed0'
+  index = next(i for i in range(40) if synthetic.study_metadata(
+      i, site='B')['true_labels'][synthetic.CXR_FINDINGS.index('airspace_opacity')])
+  record = synthetic_builders._render_cxr(index, config)
+  np.testing.assert_array_equal(record.pixels, synthetic.generate_cxr(
+      index, site='B', image_size=32, opacity_texture=0.5)['image'])
+  assert not np.array_equal(record.pixels, synthetic.generate_cxr(index, site='B',
+                                                                  image_size=32)['image'])
+  with pytest.raises(ValueError, match=r'opacity_texture must be in \[0, 1\], got 2'):
+    synthetic_builders.make_cxr_config('B', opacity_texture=2)
+
+
 def test_unknown_site_is_named():
   with pytest.raises(ValueError, match="Unknown synthetic site 'Q'"):
     synthetic_builders.make_cxr_config('Q')

@@ -54,13 +54,15 @@ class SyntheticCxrConfig(base.CxrBuilderConfig):
   severity_range: Tuple[float, float] = (0.0, 1.0)  # See synthetic.generate_cxr.
   mine_labels: bool = False  # Labels read from the reports by cxr_jax.text.labeler.
   variability: float = 1.0  # Spread of positioning and acquisition; see generate_cxr.
+  opacity_texture: float = 0.0  # How mottled airspace opacities are; see generate_cxr.
 
 
 def make_cxr_config(site: str = 'A', image_size: int = 128, num_examples: int = 5000,
                     label_noise: float = 0.1, seed: int = 0,
                     severity_range: Tuple[float, float] = (0.0, 1.0),
                     mine_labels: bool = False,
-                    variability: float = 1.0) -> SyntheticCxrConfig:
+                    variability: float = 1.0,
+                    opacity_texture: float = 0.0) -> SyntheticCxrConfig:
   """A config whose name spells its parameters.
 
   mine_labels: store the labels `cxr_jax.text.labeler` reads from each generated report
@@ -68,6 +70,8 @@ def make_cxr_config(site: str = 'A', image_size: int = 128, num_examples: int = 
     says which labeler version mined them).
   variability: spread of positioning and acquisition (synthetic.generate_cxr); other
     than 1 the name gains e.g. '_var2.5'.
+  opacity_texture: how mottled airspace opacities are (synthetic.generate_cxr); other
+    than 0 the name gains e.g. '_texture1'.
   """
   if site not in synthetic.SITES:
     raise ValueError(f'Unknown synthetic site {site!r}; sites: {sorted(synthetic.SITES)}.')
@@ -77,12 +81,14 @@ def make_cxr_config(site: str = 'A', image_size: int = 128, num_examples: int = 
   mined = '_mined' if mine_labels else ''
   variability = synthetic.check_variability(variability)
   spread = '' if variability == 1.0 else f'_var{variability:g}'
+  opacity_texture = synthetic.check_opacity_texture(opacity_texture)
+  texture = '' if opacity_texture == 0.0 else f'_texture{opacity_texture:g}'
   name = (f'site_{site.lower()}_{image_size}px_{num_examples}_noise'
-          f'{round(label_noise * 100)}{severity}{spread}{mined}_seed{seed}')
+          f'{round(label_noise * 100)}{severity}{spread}{texture}{mined}_seed{seed}')
   return SyntheticCxrConfig(name=name, site=site, image_size=image_size,
                             num_examples=num_examples, label_noise=label_noise, seed=seed,
                             severity_range=(low, high), mine_labels=bool(mine_labels),
-                            variability=variability,
+                            variability=variability, opacity_texture=opacity_texture,
                             max_side=image_size,
                             description=f'Synthetic CXR phantoms of site {site}.')
 
@@ -93,7 +99,8 @@ def _render_cxr(index: int, config: SyntheticCxrConfig) -> base.Record:
                                    label_noise=config.label_noise,
                                    severity_range=config.severity_range,
                                    mine_labels=config.mine_labels,
-                                   variability=config.variability)
+                                   variability=config.variability,
+                                   opacity_texture=config.opacity_texture)
   return base.Record(
       key=f'{config.site}-{config.seed}-{index:07d}', labels=example['labels'],
       pixels=example['image'], patient_id=example['patient_id'],
