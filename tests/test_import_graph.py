@@ -28,8 +28,7 @@ LAYERS = {
     # Tools on trained runs.
     'cxr_jax.export': 5, 'cxr_jax.embed': 5, 'cxr_jax.probe': 5, 'cxr_jax.zero_shot': 5,
     'cxr_jax.label_reports': 5,
-    # Studies: experiments that train, embed, probe and report.
-    'cxr_jax.train.chain': 6, 'cxr_jax.train.transfer_study': 6,
+    'cxr_jax.studies': 6,  # Experiments that train, embed, probe and report.
     'cxr_jax.main': 7,  # The command line that runs any trainer.
 }
 
