@@ -19,6 +19,7 @@ LAYERS = {
     # Plumbing every layer may use.
     'cxr_jax': 0, 'cxr_jax.registry': 0, 'cxr_jax.npz_files': 0, 'cxr_jax.cli': 0,
     'cxr_jax.tf_process': 0, 'cxr_jax.files': 0,
+    'cxr_jax.embeddings_file': 0,  # The embeddings file format (numpy only).
     'cxr_jax.text': 1,  # Report tokenizer and labeler: plain libraries.
     'cxr_jax.data': 2,  # Datasets, preprocessing ops (tokenize reads text/), pipelines.
     'cxr_jax.models': 2,  # Every network (the report encoder's ids come from text/).

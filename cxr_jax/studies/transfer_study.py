@@ -42,10 +42,12 @@ import ml_collections
 import numpy as np
 
 from cxr_jax import embed
+from cxr_jax import embeddings_file
 from cxr_jax import inference
 from cxr_jax import probe as probe_lib
 from cxr_jax import tf_process
 from cxr_jax.data import labels as labels_lib
+from cxr_jax.data import sources
 from cxr_jax.data import transforms
 from cxr_jax.eval import efficiency
 from cxr_jax.eval import metrics
@@ -204,7 +206,7 @@ class Study:
       self._models[network] = self.model(self.config.networks[network])
     embed.embed_dataset(self._models[network], source, output,
                         batch_size=self.config.embed_batch_size, data_dir=self.data_dir)
-    return embed.load_embeddings(output)
+    return embeddings_file.load_embeddings(output)
 
   def embeddings(self, network: str, split: str) -> Dict[str, np.ndarray]:
     """`network`'s embeddings of a split of the downstream data (kept for re-runs)."""
@@ -229,7 +231,7 @@ class Study:
     key = (source, size)
     if key not in self._pixels:
       if source not in self._images:
-        records = embed.open_source(source, data_dir=self.data_dir)
+        records = sources.from_spec(source, data_dir=self.data_dir)
         pp = transforms.Preprocess(self.config.pixels.pp)
         rng = np.random.default_rng(0)  # Deterministic ops only; the rng is unused.
         images, labels = [], []
@@ -384,7 +386,7 @@ class Study:
             output = os.path.join(run_dir, f'test_outputs{suffix}.npz')
             embed.embed_dataset(model, eval_set.source, output,
                                 batch_size=self.config.embed_batch_size, data_dir=self.data_dir)
-            logits = embed.load_embeddings(output)['logits'][:, 0]
+            logits = embeddings_file.load_embeddings(output)['logits'][:, 0]
             self.add(method, network, budget, draw, eval_set.key,
                      _auroc(*truth[eval_set.key], scores=logits))
 

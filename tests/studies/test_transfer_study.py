@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from cxr_jax import embed
+from cxr_jax import embeddings_file
 from cxr_jax import probe as probe_lib
 from cxr_jax.data import pipeline
 from cxr_jax.studies import chain
@@ -133,8 +133,9 @@ def test_external_scores_sit_beside_unchanged_in_site_scores(tiny_study):
 
   # The probe: refitted on the same training draw, applied to site C's embeddings.
   study = transfer_study.Study(tiny_study['config'], workdir)
-  train = embed.load_embeddings(os.path.join(workdir, 'embeddings', 'cxr_train.npz'))
-  site_c = embed.load_embeddings(os.path.join(workdir, 'embeddings', 'site_c', 'cxr_train.npz'))
+  train = embeddings_file.load_embeddings(os.path.join(workdir, 'embeddings', 'cxr_train.npz'))
+  site_c = embeddings_file.load_embeddings(
+      os.path.join(workdir, 'embeddings', 'site_c', 'cxr_train.npz'))
   source, _ = pipeline.open_source(tiny_study['site_c'], 'train', tiny_study['data_dir'])
   assert len(site_c['id']) == len(source)
   assert json.loads(str(site_c['embed_spec']))['data']['tfds'] == f"{tiny_study['site_c']}:train"
@@ -149,7 +150,7 @@ def test_external_scores_sit_beside_unchanged_in_site_scores(tiny_study):
       sk_metrics.roc_auc_score(y_c[known_c], scores[known_c]), abs=1e-6)
 
   # The fine-tuned checkpoint, applied to site C: its kept outputs.
-  outputs = embed.load_embeddings(os.path.join(
+  outputs = embeddings_file.load_embeddings(os.path.join(
       workdir, 'finetune', 'cxr_full_20_0', 'test_outputs_site_c.npz'))
   np.testing.assert_array_equal(outputs['id'], site_c['id'])
   assert external['finetune'] == pytest.approx(sk_metrics.roc_auc_score(
