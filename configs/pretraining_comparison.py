@@ -1,5 +1,5 @@
 """Four ways to pretrain a CXR network, compared on the same downstream task, in-site and
-at an external site: a chain (cxr_jax/train/chain.py) like configs/quickstart.py.
+at an external site: a chain (cxr_jax/studies/chain.py) like configs/quickstart.py.
 
   configs/pretraining_comparison.py:synthetic   generated data, CPU-sized (the default)
   configs/pretraining_comparison.py:real        MIMIC-CXR pretraining, NIH downstream,

@@ -3,7 +3,7 @@
 Linear and MLP probes on each network's embeddings, full fine-tuning and LP-FT, and
 training from scratch, at several label budgets for one finding of a downstream site;
 each is scored on that site's test split and on every external test set; writes
-results.csv, summary.csv, plots and report.md (cxr_jax/train/transfer_study.py). The
+results.csv, summary.csv, plots and report.md (cxr_jax/studies/transfer_study.py). The
 quickstart runs it as its last stage; on its own, name the pretrained runs:
 
   python -m cxr_jax.main --config configs/transfer_study.py --workdir runs/study \\
@@ -27,7 +27,7 @@ enough for the synthetic sizes; the fine-tuning runs dominate the time.
 
 import ml_collections
 
-from cxr_jax.train import transfer_study
+from cxr_jax.studies import transfer_study
 
 
 def parse_external(arg: str) -> ml_collections.ConfigDict:

@@ -20,11 +20,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cxr_jax import studies  # noqa: F401  Registers the studies' trainers (chain, ...).
 from cxr_jax import train
-from cxr_jax.train import chain  # noqa: F401  Registers the 'chain' trainer.
 from cxr_jax.train import config_lib
 from cxr_jax.train import trainer
-from cxr_jax.train import transfer_study  # noqa: F401  Registers 'transfer_study'.
 
 EXIT_PREEMPTED = 75
 

@@ -9,8 +9,8 @@
       [--config '{"class_weight": "balanced"}']
 
 The command line reads embeddings files (or shard directories) with
-`cxr_jax.embed.load_embeddings`, turns the stored label codes into labels and a mask
-with `LabelPolicy`, trains on all (or --budget drawn) training rows, and writes
+`cxr_jax.embeddings_file.load_embeddings`, turns the stored label codes into labels and
+a mask with `LabelPolicy`, trains on all (or --budget drawn) training rows, and writes
 DIR/probe.npz, DIR/predictions.npz and DIR/metrics.json (AUROC per finding).
 
 What is fitted. Labels are 0/1 per finding with a mask (1 where the label is known);
@@ -74,7 +74,7 @@ import optax
 import optax.tree_utils as otu
 
 from cxr_jax import cli
-from cxr_jax import embed
+from cxr_jax import embeddings_file
 from cxr_jax import npz_files
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.eval import efficiency
@@ -799,8 +799,8 @@ def run(train: str, eval_path: str, output: str, *, kind: str = 'linear',
   OUTPUT/metrics.json (AUROC per finding; null where undefined). Returns the metrics.
   Both files are read and checked before any training.
   """
-  train_data = embed.load_embeddings(train)
-  eval_data = embed.load_embeddings(eval_path)
+  train_data = embeddings_file.load_embeddings(train)
+  eval_data = embeddings_file.load_embeddings(eval_path)
   if 'findings' not in train_data:
     raise ValueError(f'{train}: needs "labels" and "findings" keys to train a probe; it has '
                      f'{sorted(train_data)}.')

@@ -24,6 +24,7 @@ from sklearn import metrics as sk_metrics
 from sklearn import neighbors as sk_neighbors
 
 from cxr_jax import embed
+from cxr_jax import embeddings_file
 from cxr_jax.data import pipeline
 from cxr_jax.data.builders import synthetic as synthetic_builders
 from test_inference import REPO  # pylint: disable=g-bad-import-order
@@ -185,7 +186,7 @@ def test_embeddings_notebook(setup, tmp_path, monkeypatch):
       CXR_JAX_DATA_DIR=setup['data_dir'], CXR_JAX_SPLIT='test', CXR_JAX_FINDING=setup['task'],
       CXR_JAX_QUERY=query, CXR_JAX_NEIGHBOURS=neighbours,
       CXR_JAX_COMPARE_MODEL=setup['runs']['classifier'], CXR_JAX_WORKDIR=workdir)
-  data = embed.load_embeddings(setup['embeddings'])
+  data = embeddings_file.load_embeddings(setup['embeddings'])
   vectors = data['embedding'].astype(np.float64)
   count = len(vectors)
 
@@ -210,7 +211,7 @@ def test_embeddings_notebook(setup, tmp_path, monkeypatch):
     assert_png(workdir / f'tsne_{name}.png')
   assert len(outputs_of(notebook, 'image/png')) >= 5  # Three t-SNE maps, neighbours, compare.
 
-  compared = embed.load_embeddings(str(workdir / 'compare_embeddings.npz'))
+  compared = embeddings_file.load_embeddings(str(workdir / 'compare_embeddings.npz'))
   assert compared['embedding'].shape == (count, EMBEDDING_DIM)
   assert list(compared['id']) == list(data['id'])
   knn = {row['finding']: row for row in read_csv(workdir / 'knn_auroc.csv')}

@@ -35,14 +35,13 @@ import numpy as np
 import pytest
 
 from cxr_jax import models
+from cxr_jax import studies  # noqa: F401  Registers 'chain' and 'transfer_study'.
 from cxr_jax import train
 from cxr_jax.data import transforms
 from cxr_jax.models import heads
-from cxr_jax.train import chain  # noqa: F401  Registers the 'chain' trainer.
 from cxr_jax.train import config_lib
 from cxr_jax.train import optimizers
 from cxr_jax.train import trainer
-from cxr_jax.train import transfer_study  # noqa: F401  Registers 'transfer_study'.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from cxr_jax import embed
+from cxr_jax import embeddings_file
 from cxr_jax.data import images as images_lib
 from cxr_jax.data import pipeline
+from cxr_jax.data import sources
 from test_export import PROMPTS  # pylint: disable=g-bad-import-order
 from test_export import exported_runs  # pylint: disable=g-bad-import-order
 from test_export import image_text_run  # pylint: disable=g-bad-import-order
@@ -69,9 +71,9 @@ def test_every_source_and_model_kind_gives_the_same_embeddings(setup, kind, tmp_
   for model_kind, model in setup['models'][kind].items():
     for data in ('tfds', 'folder', 'csv'):
       output = str(tmp_path / f'{model_kind}_{data}')
-      source = embed.open_source(setup[data], setup['data_dir'], label_columns=LABEL_COLUMNS)
+      source = sources.from_spec(setup[data], setup['data_dir'], label_columns=LABEL_COLUMNS)
       embed.embed_dataset(model, source, output, batch_size=4, shard_size=8)
-      results[model_kind, data] = embed.load_embeddings(output)
+      results[model_kind, data] = embeddings_file.load_embeddings(output)
   reference = results['workdir', 'tfds']
   order = {_image_id(i): n for n, i in enumerate(reference['id'])}
   assert sorted(order) == sorted(setup['records'])
@@ -126,7 +128,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(setup, tmp_path, capfd):
   straight = str(tmp_path / 'straight')
   embed.embed_dataset(model, setup['tfds'], straight, batch_size=4, shard_size=4,
                       data_dir=setup['data_dir'])
-  expected = embed.load_embeddings(straight)
+  expected = embeddings_file.load_embeddings(straight)
   shards = sorted(os.listdir(straight))
   assert len(shards) >= 2 and shards[0].endswith(f'-of-{len(shards):05d}.npz')
 
@@ -151,7 +153,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(setup, tmp_path, capfd):
   assert f'{len(shards) - 1} of {len(shards)} embedding files already complete' in log
   last_batches = -(-(len(expected['id']) - 4 * (len(shards) - 1)) // 4)
   assert f'step {last_batches}/{last_batches}' in log
-  result = embed.load_embeddings(resumed)
+  result = embeddings_file.load_embeddings(resumed)
   assert set(result) == set(expected)
   for key in expected:
     np.testing.assert_array_equal(result[key], expected[key], err_msg=key)
@@ -204,7 +206,7 @@ def test_an_image_that_cannot_be_embedded_is_named(setup, tmp_path):
   records = [{'image': np.zeros((32, 32), np.uint16), 'id': 'fine'},
              {'image': np.zeros((32,), np.uint16), 'id': 'flat'}]
 
-  class Tiny(embed.Source):
+  class Tiny(sources.Source):
     description = {'test': 'flat'}
 
     def __len__(self):
@@ -222,7 +224,7 @@ def test_command_line_writes_one_file_for_an_npz_output(setup, tmp_path):
   embed.main(['embed', '--model', setup['exports']['classifier'], '--data', setup['csv'],
               '--output', output, '--label_columns', ','.join(LABEL_COLUMNS),
               '--batch_size', '4'])
-  result = embed.load_embeddings(output)
+  result = embeddings_file.load_embeddings(output)
   assert os.listdir(tmp_path) == ['embeddings.npz']
   assert result['embedding'].shape == (len(setup['records']), 256)
   assert result['logits'].shape == (len(setup['records']), 7)
@@ -236,47 +238,16 @@ def test_bad_data_and_model_paths(setup, tmp_path):
   with pytest.raises(FileNotFoundError, match='neither a SavedModel'):
     embed.load_model(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="not a folder, a CSV file, or a TFDS 'name:split'"):
-    embed.open_source(str(tmp_path / 'missing'))
+    sources.from_spec(str(tmp_path / 'missing'))
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match='No PNG, JPEG or DICOM files'):
-    embed.open_source(str(tmp_path / 'empty'))
+    sources.from_spec(str(tmp_path / 'empty'))
   bad = tmp_path / 'bad.csv'
   bad.write_text('path,cardiomegaly\nimages/x.png,maybe\n')
   with pytest.raises(ValueError, match=r"bad.csv, row 2, column 'cardiomegaly'.*'maybe'"):
-    embed.open_source(str(bad), label_columns=['cardiomegaly'])
+    sources.from_spec(str(bad), label_columns=['cardiomegaly'])
   with pytest.raises(ValueError, match=r"missing column\(s\) \['nodule'\]"):
-    embed.open_source(str(bad), label_columns=['nodule'])
-
-
-def _save(path, **arrays):
-  np.savez(path, **arrays)
-  return str(path)
-
-
-def test_load_embeddings_errors(tmp_path):
-  good = {'embedding': np.zeros((2, 3), np.float32), 'id': np.array(['a', 'b'])}
-  with pytest.raises(KeyError, match=r"no_embedding.npz: embeddings file has no \['embedding'\]"):
-    embed.load_embeddings(_save(tmp_path / 'no_embedding.npz', id=good['id']))
-  with pytest.raises(ValueError, match="short_id.npz: 'id' has 1 rows, but \"embedding\" has 2"):
-    embed.load_embeddings(_save(tmp_path / 'short_id.npz', embedding=good['embedding'],
-                                id=np.array(['a'])))
-  with pytest.raises(KeyError, match='no "findings"'):
-    embed.load_embeddings(_save(tmp_path / 'labels.npz', labels=np.zeros((2, 1), np.int8),
-                                **good))
-  with pytest.raises(FileNotFoundError, match='no such embeddings file'):
-    embed.load_embeddings(str(tmp_path / 'missing.npz'))
-  shards = tmp_path / 'shards'
-  shards.mkdir()
-  for index in (0, 2):
-    _save(shards / embed.shard_name(index, 3), embed_spec=np.asarray('{}'), **good)
-  with pytest.raises(FileNotFoundError, match='embeddings-00001-of-00003.npz'):
-    embed.load_embeddings(str(shards))
-  _save(shards / embed.shard_name(1, 3), embed_spec=np.asarray('{"other": 1}'), **good)
-  with pytest.raises(ValueError, match="00001-of-00003.npz: 'embed_spec' differs"):
-    embed.load_embeddings(str(shards))
-  _save(shards / embed.shard_name(1, 3), embed_spec=np.asarray('{}'), **good)
-  loaded = embed.load_embeddings(str(shards))
-  assert loaded['embedding'].shape == (6, 3) and list(loaded['id']) == ['a', 'b'] * 3
+    sources.from_spec(str(bad), label_columns=['nodule'])
 
 
 @pytest.mark.slow
@@ -291,7 +262,7 @@ def test_workdir_path_never_imports_tensorflow(setup, tmp_path):
   result = subprocess.run([sys.executable, '-c', script], cwd=repo, capture_output=True,
                           text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
   assert result.returncode == 0, result.stderr[-6000:]
-  assert embed.load_embeddings(str(tmp_path / 'out.npz'))['embedding'].shape[0] == len(
+  assert embeddings_file.load_embeddings(str(tmp_path / 'out.npz'))['embedding'].shape[0] == len(
       setup['records'])
 
 
@@ -304,7 +275,7 @@ def test_image_text_run_embeds_images_and_texts(setup, tmp_path_factory, tmp_pat
   for kind, model in models.items():
     output = str(tmp_path / f'images_{kind}.npz')
     embed.embed_dataset(model, setup['folder'], output, batch_size=4)
-    images[kind] = embed.load_embeddings(output)
+    images[kind] = embeddings_file.load_embeddings(output)
     assert images[kind]['image_embedding'].shape == (len(setup['records']), 16)
   for key in ('embedding', 'image_embedding'):
     np.testing.assert_allclose(images['saved_model'][key], images['workdir'][key],
@@ -357,27 +328,3 @@ def test_image_text_run_embeds_images_and_texts(setup, tmp_path_factory, tmp_pat
   with pytest.raises(app.UsageError, match='--data .images. or --texts, not both'):
     embed.main(['embed', '--model', run['export'], '--texts', str(lines), '--data',
                 setup['folder'], '--output', from_export])
-
-
-def test_a_full_disk_leaves_nothing_behind_and_names_the_file(tmp_path, monkeypatch):
-  path = str(tmp_path / embed.shard_name(2, 4))
-
-  def savez_until_full(f, **arrays):
-    f.write(b'x' * 1000)  # Part of the file, then the disk is full.
-    raise OSError(28, 'No space left on device')
-
-  monkeypatch.setattr(np, 'savez', savez_until_full)
-  with pytest.raises(OSError, match=r'Writing .*embeddings-00002-of-00004.npz failed: No space '
-                     r'left on device') as e:
-    embed._write_atomically(path, {'embedding': np.zeros((2, 3), np.float32)})
-  assert e.value.errno == 28
-  assert os.listdir(tmp_path) == []
-  monkeypatch.undo()
-  # A partial file of a writer killed outright is removed by the next run; a live
-  # writer's (this process's) is left alone.
-  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                        capture_output=True, text=True, check=True).stdout.strip()
-  (tmp_path / f'{embed.shard_name(1, 4)}.tmp-{dead}').write_bytes(b'partial')
-  (tmp_path / f'{embed.shard_name(3, 4)}.tmp-{os.getpid()}').write_bytes(b'partial')
-  embed._remove_stale_temporaries(str(tmp_path))
-  assert os.listdir(tmp_path) == [f'{embed.shard_name(3, 4)}.tmp-{os.getpid()}']

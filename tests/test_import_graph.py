@@ -19,6 +19,7 @@ LAYERS = {
     # Plumbing every layer may use.
     'cxr_jax': 0, 'cxr_jax.registry': 0, 'cxr_jax.npz_files': 0, 'cxr_jax.cli': 0,
     'cxr_jax.tf_process': 0, 'cxr_jax.files': 0,
+    'cxr_jax.embeddings_file': 0,  # The embeddings file format (numpy only).
     'cxr_jax.text': 1,  # Report tokenizer and labeler: plain libraries.
     'cxr_jax.data': 2,  # Datasets, preprocessing ops (tokenize reads text/), pipelines.
     'cxr_jax.models': 2,  # Every network (the report encoder's ids come from text/).
@@ -28,8 +29,7 @@ LAYERS = {
     # Tools on trained runs.
     'cxr_jax.export': 5, 'cxr_jax.embed': 5, 'cxr_jax.probe': 5, 'cxr_jax.zero_shot': 5,
     'cxr_jax.label_reports': 5,
-    # Studies: experiments that train, embed, probe and report.
-    'cxr_jax.train.chain': 6, 'cxr_jax.train.transfer_study': 6,
+    'cxr_jax.studies': 6,  # Experiments that train, embed, probe and report.
     'cxr_jax.main': 7,  # The command line that runs any trainer.
 }
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cxr_jax import embed
+from cxr_jax import embeddings_file
 from cxr_jax import npz_files
 from cxr_jax import probe
 
@@ -11,7 +11,7 @@ from cxr_jax import probe
 def test_a_text_file_is_not_called_pickled_data(tmp_path):
   path = tmp_path / 'embeddings.npz'
   path.write_text('id,embedding\na,0.1\n')
-  for load, what in ((embed.load_embeddings, 'embeddings .npz file'),
+  for load, what in ((embeddings_file.load_embeddings, 'embeddings .npz file'),
                      (probe.load, 'probe file')):
     with pytest.raises(ValueError, match=rf"embeddings.npz: not a {what}: an .npz is a zip "
                        r"archive written by numpy.savez, but this file starts with b'id,e'"

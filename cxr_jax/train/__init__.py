@@ -2,8 +2,8 @@
 
 Each trainer is `fn(config, workdir)` in `TRAINERS`; the loop's stages are also in
 `trainer.STAGES`. Importing this package registers the stages and trainers of this
-layer; studies built on trained runs (chain, transfer_study) register themselves when
-imported (`cxr_jax.main` imports them).
+layer; the studies built on trained runs (`cxr_jax.studies`: chain, transfer_study)
+register theirs when that package is imported (`cxr_jax.main` imports it).
 """
 
 from cxr_jax.train.registry import TRAINERS

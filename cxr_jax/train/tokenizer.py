@@ -5,7 +5,7 @@
 
 (`python -m cxr_jax.text.tokenizer ...`, the command's earlier name, runs the same.)
 The tokenizer itself is `cxr_jax.text.tokenizer`. As the `tokenizer` trainer (`run`,
-config `default_config()`) a chain (cxr_jax/train/chain.py) trains the tokenizer its
+config `default_config()`) a chain (cxr_jax/studies/chain.py) trains the tokenizer its
 image-text stage reads: it writes WORKDIR/tokenizer.json and, like every trainer,
 resumes: a file already there is kept when it was trained as the config asks, and is an
 error otherwise.

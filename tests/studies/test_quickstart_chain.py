@@ -14,7 +14,7 @@ so the test asserts 45 and 100. The raw pixels beat both at 45 and 100 (0.698 an
 0.753); issue 13 is open on that, so nothing here asserts it. (Shorter SupCon did not hold:
 500 steps after a 150-step generic stage lost at 10 labels, 0.509 vs 0.536, and at 45.)
 The study keeps what the claim needs, linear probes; fine-tuning, MLP probes and the
-export are covered by tests/train/test_transfer_study.py.
+export are covered by tests/studies/test_transfer_study.py.
 """
 
 import json

@@ -15,7 +15,7 @@ import pytest
 
 from cxr_jax import main
 from cxr_jax import train
-from cxr_jax.train import chain
+from cxr_jax.studies import chain
 from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import image_text

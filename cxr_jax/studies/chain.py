@@ -20,7 +20,8 @@ and skips those that are done. Compiled programs are cached in WORKDIR/jax_cache
 JAX_COMPILATION_CACHE_DIR names another place.
 
 The `tokenizer` trainer (cxr_jax/train/tokenizer.py) trains the report tokenizer an
-image-text stage reads.
+image-text stage reads. A stage may be any trainer in `train.TRAINERS`, studies
+included (importing `cxr_jax.studies` registers them all).
 
 Datasets are generated in a subprocess: building imports TensorFlow, which must not
 share a process with training.
@@ -37,7 +38,6 @@ import jax
 import ml_collections
 
 from cxr_jax import tf_process
-from cxr_jax.train import transfer_study  # noqa: F401  Registers a study stage.
 from cxr_jax.train.registry import TRAINERS
 
 _BUILD_SCRIPT = '''
