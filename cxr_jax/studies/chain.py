@@ -38,6 +38,7 @@ import jax
 import ml_collections
 
 from cxr_jax import tf_process
+from cxr_jax.train.registry import CONFIG_CHECKS
 from cxr_jax.train.registry import TRAINERS
 
 _BUILD_SCRIPT = '''
@@ -108,8 +109,9 @@ def resolve(config: ml_collections.ConfigDict, references: Dict[str, str],
 
 
 def check_stages(config) -> None:
-  """Raises ValueError naming a stage whose trainer cannot run in a chain or that refers
-  to something no earlier stage, dataset or data_dir is, before anything runs."""
+  """Raises ValueError naming a stage whose trainer cannot run in a chain, that refers
+  to something no earlier stage, dataset or data_dir is, or whose trainer's config check
+  (train.CONFIG_CHECKS) fails, before anything runs."""
   unknown = [n for n in config.order if n not in config.stages]
   if unknown:
     raise ValueError(f'config.order names stages {unknown} that config.stages lacks; it has '
@@ -122,7 +124,9 @@ def check_stages(config) -> None:
       raise ValueError(f'Stage {name!r} has trainer {stage.get("trainer")!r}; expected one of '
                        f'{[t for t in TRAINERS.names() if t != "chain"]}.')
     try:
-      resolve(stage, {n: f'<{n}>' for n in names}, directories)
+      resolved = resolve(stage, {n: f'<{n}>' for n in names}, directories)
+      if stage.trainer in CONFIG_CHECKS:
+        CONFIG_CHECKS.get(stage.trainer)(resolved)
     except ValueError as e:
       raise ValueError(f'Stage {name!r}: {e}') from None
     names.append(name)

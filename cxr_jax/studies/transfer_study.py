@@ -35,7 +35,7 @@ refitted (they take seconds).
 import dataclasses
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from absl import logging
 import ml_collections
@@ -57,6 +57,7 @@ from cxr_jax.train import checkpointing
 from cxr_jax.train import config_lib
 from cxr_jax.train import evaluator
 from cxr_jax.train import trainer
+from cxr_jax.train.registry import CONFIG_CHECKS
 from cxr_jax.train.registry import TRAINERS
 
 EXTERNAL_KEYS = ('name', 'split', 'finding')
@@ -180,6 +181,13 @@ def finetune_budgets(config) -> tuple:
   return chosen
 
 
+def check_config(config) -> Tuple[List[EvalSet], tuple]:
+  """(eval sets, fine-tuning budgets), or a ValueError for what no run would survive."""
+  if not config.networks:
+    raise ValueError('config.networks is empty: name at least one pretrained workdir.')
+  return eval_sets(config), finetune_budgets(config)
+
+
 class Study:
 
   def __init__(self, config, workdir: str):
@@ -188,10 +196,7 @@ class Study:
     self.rows: List[dict] = []
     self._models: Dict[str, inference.Model] = {}
     self._images, self._pixels = {}, {}
-    if not config.networks:
-      raise ValueError('config.networks is empty: name at least one pretrained workdir.')
-    self.eval_sets = eval_sets(config)
-    self.finetune_budgets = finetune_budgets(config)  # Unknown ones fail before any work.
+    self.eval_sets, self.finetune_budgets = check_config(config)
 
   def model(self, workdir: str) -> inference.Model:
     model = inference.load_run(workdir)
@@ -441,3 +446,4 @@ def run_study(config, workdir: str):
 
 
 TRAINERS.add('transfer_study', run_study)
+CONFIG_CHECKS.add('transfer_study', check_config)

@@ -106,6 +106,17 @@ def test_references_to_later_stages_stop_the_chain_before_it_runs(tmp_path):
   chain.check_stages(config)
 
 
+def test_a_study_stage_whose_config_cannot_run_stops_the_chain_before_it_runs():
+  """The study's own config check runs with the chain's: a pretraining stage must not
+  run for half an hour before a budget typo in the study after it is found."""
+  config = config_lib.load(os.path.join(REPO, 'configs', 'quickstart.py'))
+  chain.check_stages(config)
+  config.stages.study.budgets = (10, 45, 100)
+  with pytest.raises(ValueError, match=r"Stage 'study': config.finetune.budgets has \[500\], "
+                     r"which are not in config.budgets \(10, 45, 100\)"):
+    chain.check_stages(config)
+
+
 def test_the_tokenizer_trainer_is_registered():
   assert train.TRAINERS.get('tokenizer') is tokenizer_trainer.run
 
