@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cxr_jax.data import pipeline
 from cxr_jax.data import transforms
 from cxr_jax.models import heads
 from cxr_jax.models import image_text as image_text_models
@@ -262,8 +263,6 @@ def training_image_size(config) -> Tuple[Optional[Tuple[int, int]], str]:
   Read from up to 32 records spread over the training split (config.data.name, split
   and data_dir), as stored; a split whose images differ in size has no single size.
   """
-  # Imported here: reading a dataset is only needed for runs whose pp_eval lacks a resize.
-  from cxr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   name, split = config.data.get('name', ''), config.data.get('split', 'train')
   if not name:
     return None, 'the run names no dataset (config.data.name is empty)'

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cxr_jax.data import images
+from cxr_jax.data import transforms
 
 ON_ERROR = ('raise', 'skip')
 
@@ -272,8 +273,6 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return images.read_image(record.image_path)
 
   def _generate_examples(self, split: str, manual_dir):
-    from cxr_jax.data import images  # pylint: disable=g-import-not-at-top
-    from cxr_jax.data import transforms  # pylint: disable=g-import-not-at-top
     raw_size = self.builder_config.raw_size
     # The pipeline's own op, so that raw records equal `decode|resize(N)` of the PNG ones.
     resize_raw = transforms.Preprocess(f'resize({raw_size})') if raw_size else None
