@@ -84,3 +84,19 @@ def test_imports_point_down(module):
   upward = [f'line {line}: {name} (layer {layer(name)})'
             for line, name in imported_modules(module) if layer(name) > layer(module)]
   assert not upward, f'{module} (layer {layer(module)}) imports upward: {upward}'
+
+
+# cxr_jax.data.synthetic's modules, each importing only those listed before it.
+SYNTHETIC_ORDER = ('streams', 'sites', 'studies', 'reports', 'drawing', 'anatomy', 'findings',
+                   'render', 'natural')
+
+
+def test_synthetic_modules_import_one_way():
+  package = 'cxr_jax.data.synthetic'
+  assert sorted(m for m in MODULES if m.startswith(package + '.')) == sorted(
+      f'{package}.{name}' for name in SYNTHETIC_ORDER)
+  for k, name in enumerate(SYNTHETIC_ORDER):
+    allowed = {f'{package}.{earlier}' for earlier in SYNTHETIC_ORDER[:k]}
+    inside = {imported for _, imported in imported_modules(f'{package}.{name}')
+              if imported == package or imported.startswith(package + '.')}
+    assert inside <= allowed, f'{package}.{name} imports {sorted(inside - allowed)}'
