@@ -87,7 +87,7 @@ def test_imports_point_down(module):
 
 
 # cxr_jax.data.synthetic's modules, each importing only those listed before it.
-SYNTHETIC_ORDER = ('streams', 'sites', 'studies', 'reports', 'drawing', 'anatomy', 'findings',
+SYNTHETIC_ORDER = ('streams', 'sites', 'sampling', 'reports', 'drawing', 'anatomy', 'findings',
                    'render', 'natural')
 
 

@@ -58,8 +58,8 @@ drawn per study. `PREVALENCE` lists the marginal rates this produces.
 Report mining. With probability `label_noise` a label is garbled: a true positive
 becomes uncertain, negative or unmentioned; a true negative becomes unmentioned,
 uncertain or positive (see `_GARBLED_POSITIVE` and `_GARBLED_NEGATIVE` in
-`studies`). The report
-is written from the garbled labels, as if the radiologist (or the miner) erred.
+`sampling`). The report is written from the garbled labels, as if the radiologist (or
+the miner) erred.
 With `mine_labels=True` the labels are instead read back from that report by the
 report labeler (`cxr_jax.text.labeler`), as the published recipe mined its labels.
 
@@ -70,7 +70,7 @@ splits must be made by `patient_id`.
 Modules, each importing only those listed before it:
   streams   the random streams every example draws from;
   sites     SiteProfile and SITES;
-  studies   labels, finding priors, patients, and sampling a study (no pixels);
+  sampling  labels, finding priors, patients, and sampling a study (no pixels);
   reports   report writing, label mining, study_metadata;
   drawing   drawing primitives (grid, ramp, smooth noise, soft shapes);
   anatomy   the patient frame and the chest without findings;
@@ -87,7 +87,7 @@ from cxr_jax.data.synthetic.render import generate_cxr
 from cxr_jax.data.synthetic.reports import (MINED_OBSERVATIONS, mine_report_labels,
                                             report_labeler, study_metadata)
 from cxr_jax.data.synthetic.sites import SITES, SiteProfile
-from cxr_jax.data.synthetic.studies import (AP_FRACTION, CXR_FINDINGS, FINDING_PRIORS,
+from cxr_jax.data.synthetic.sampling import (AP_FRACTION, CXR_FINDINGS, FINDING_PRIORS,
                                             LABEL_CODES, MAX_VARIABILITY, NEGATIVE, POSITIVE,
                                             PREVALENCE, STUDIES_PER_BLOCK, UNCERTAIN,
                                             UNMENTIONED, FindingPrior, check_opacity_texture,

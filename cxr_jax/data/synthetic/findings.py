@@ -26,8 +26,7 @@ def _airspace_opacity(frame, anatomy, domes, params, texture=0.0):
   """A fluffy consolidation; with `texture` > 0, part of it breaks into mottled blobs.
 
   Mottling keeps the opacity's place and extent but leaves aerated lung between fine
-  blobs (about 12 across the film), so much less density is added on average: a
-  convolution sees the blobs' edges, area-averaged pixels mostly lose them.
+  blobs (about 12 across the film), so much less density is added on average.
   """
   fill = np.zeros_like(frame.u)
   sides = (-1, 1) if params['bilateral'] else (params['side'],)

@@ -19,7 +19,7 @@ from cxr_jax.data.synthetic.findings import (_airspace_opacity, _atelectasis, _l
                                              _pleural_effusion, _pneumothorax, _tuberculosis)
 from cxr_jax.data.synthetic.reports import _metadata
 from cxr_jax.data.synthetic.sites import SITES, SiteProfile
-from cxr_jax.data.synthetic.studies import _Study, _sample_study, check_opacity_texture
+from cxr_jax.data.synthetic.sampling import _Study, _sample_study, check_opacity_texture
 
 # ---------------------------------------------------------------------------
 # Devices and burned-in text.
@@ -271,9 +271,10 @@ def generate_cxr(index: int, *, seed: int = 0, site: str = 'A', image_size: int 
       every value, so a study's patient, findings and report do not depend on it.
     opacity_texture: in [0, 1], how much of an airspace opacity's density breaks into
       mottled blobs instead of an even haze: 0 (the default) is the haze, 1 is fully
-      mottled. Mottling is what raw pixels lose and a convolution keeps (issue 13):
-      it lowers a linear model on downsampled pixels while the finding stays where
-      and as large as it was. Labels, reports and every other pixel are unchanged.
+      mottled. The finding stays where and as large as it was, with much less density
+      on average. Meant to be what raw pixels lose and a convolution keeps; measured
+      at 28-56 px it lowers both alike (BENCHMARKS.md, issue 13). Labels, reports and
+      every other pixel are unchanged.
 
   Returns:
     dict with 'image' uint16 [H, W]; 'true_labels' int8 [K] (0/1, order of

@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 
 from cxr_jax.data.synthetic.streams import _pick
-from cxr_jax.data.synthetic.studies import (CXR_FINDINGS, NEGATIVE, POSITIVE, UNCERTAIN,
+from cxr_jax.data.synthetic.sampling import (CXR_FINDINGS, NEGATIVE, POSITIVE, UNCERTAIN,
                                             UNMENTIONED, _sample_study, _Study, derive_abnormal,
                                             derive_no_finding)
 

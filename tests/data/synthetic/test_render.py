@@ -8,7 +8,7 @@ from scipy import ndimage, stats
 from cxr_jax.data import synthetic
 from cxr_jax.data.synthetic import anatomy
 from cxr_jax.data.synthetic import render
-from cxr_jax.data.synthetic import studies
+from cxr_jax.data.synthetic import sampling
 from cxr_jax.data.synthetic import CXR_FINDINGS
 
 ALL_OFF = {name: False for name in CXR_FINDINGS}
@@ -192,7 +192,7 @@ def test_opacity_texture_mottles_the_opacity_where_it_was_and_nothing_else():
   def added_density(index, texture):
     densities = []
     for flag in (False, True):
-      study = studies._sample_study(index, 9, 'B', 0.1,
+      study = sampling._sample_study(index, 9, 'B', 0.1,
                                       {**ALL_OFF, 'airspace_opacity': flag})
       frame = anatomy._patient_frame(64, study.anatomy)
       densities.append(render._render_density(study, frame, texture))
@@ -241,7 +241,7 @@ def test_lung_base_brightness_separates_effusion_once_the_lungs_are_located(rend
   images, labels = rendered
   statistic = []
   for i, image in enumerate(images):
-    study = studies._sample_study(i, 5, 'A', 0.1, None)
+    study = sampling._sample_study(i, 5, 'A', 0.1, None)
     frame = anatomy._patient_frame(64, study.anatomy)
     domes = anatomy._domes(study.anatomy)
     lungs = sum(anatomy._lung_geometry(frame, study.anatomy, side, domes[side])

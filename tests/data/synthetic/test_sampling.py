@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from cxr_jax.data import synthetic
-# As studies_lib: `studies` is a local name in the tests below.
-from cxr_jax.data.synthetic import studies as studies_lib
+from cxr_jax.data.synthetic import sampling
 from cxr_jax.data.synthetic import (CXR_FINDINGS, NEGATIVE, POSITIVE, UNCERTAIN,
                                     UNMENTIONED)
 
@@ -109,8 +108,8 @@ def test_severity_range_rescales_every_severity_and_changes_nothing_else():
   """Each severity is the full-range draw mapped linearly into the range; the rest
   (patients, presence, labels, positions) is drawn as before."""
   for i in range(40):
-    full = studies_lib._sample_study(i, 3, 'B', 0.1, None)
-    high = studies_lib._sample_study(i, 3, 'B', 0.1, None, (0.8, 1.0))
+    full = sampling._sample_study(i, 3, 'B', 0.1, None)
+    high = sampling._sample_study(i, 3, 'B', 0.1, None, (0.8, 1.0))
     np.testing.assert_array_equal(full.labels, high.labels)
     np.testing.assert_array_equal(full.true_labels, high.true_labels)
     assert full.patient_id == high.patient_id and full.view == high.view
@@ -135,7 +134,7 @@ def test_variability_widens_positioning_and_acquisition_only():
   geometry = ('center', 'rotation', 'zoom', 'penetration', 'gamma')
 
   def studies(variability):
-    return [studies_lib._sample_study(i, 3, 'B', 0.1, None, variability=variability)
+    return [sampling._sample_study(i, 3, 'B', 0.1, None, variability=variability)
             for i in range(100)]
 
   centred, default, wide = studies(0.0), studies(1.0), studies(2.5)
