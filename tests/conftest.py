@@ -22,12 +22,36 @@ def _quiet_tensorflow(monkeypatch):
   monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '3')
 
 
-# The longest test (the quickstart's pretraining, minutes) goes first, so that under
-# pytest-xdist one worker starts it while the other works through the rest, instead of
-# it starting last and running alone. Only whole modules move, so module fixtures are
-# still set up once.
-_LONGEST_FIRST = ('test_quickstart_chain.py',)
+# Under pytest-xdist (`-n 2`, CI's two cores) the slowest modules go first, longest
+# first: one worker starts the quickstart's test (about 15 minutes) at once while the
+# other works through the rest from the slowest down, and the quick tests left at the end
+# keep both workers busy, instead of a long test starting last and running alone.
+# pyproject.toml's --maxschedchunk=1 has xdist hand out tests one at a time in this
+# order; by default it queues an eighth of the suite on each worker up front, and the
+# quickstart's worker would run its share only after the quickstart. xdist still gives
+# each worker two tests at the start, so the module after the quickstart's begins with
+# quick tests (the second test waits for the quickstart). Whole modules move, in this
+# order, so module fixtures are set up once, and the modules sharing
+# test_inference.trained_runs (a session fixture built once per worker) stay together.
+# The order is fixed, so every worker collects the same list.
+_SLOWEST_FIRST = (
+    'test_quickstart_chain.py',  # The quickstart's pretraining and probes.
+    'test_chain.py',  # A chain stopped and resumed in 5 processes.
+    'test_distributed.py',  # Two processes joined by jax.distributed.
+    'test_trainer.py',  # SIGKILL and SIGTERM runs, 8 devices.
+    'test_embed.py',  # The trained_runs family: runs, exports and an image-text run,
+    'test_export.py',  # then embeddings, SavedModels,
+    'test_inference.py',
+    'test_colabs.py',  # and the notebooks.
+    'test_zero_shot.py',  # A short image-text run.
+    'test_image_text.py',  # 8 devices.
+    'test_efficientnet.py',  # Keras references, remat.
+    'test_bit.py',  # Remat.
+    'test_transfer_study.py',
+)
 
 
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: os.path.basename(str(item.fspath)) not in _LONGEST_FIRST)
+  rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+  # A stable sort: each module keeps its tests' order, the rest keep pytest's.
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
