@@ -33,6 +33,8 @@ IMAGE_KEYS = ('image',)
 
 def open_source(name: str, split: str, data_dir: Optional[str] = None):
   """A TFDS dataset's split as a random-access source, images left encoded."""
+  # TFDS (and the builders, which register with it) bring TensorFlow: only here, so that
+  # training from other sources never imports it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cxr_jax.data import builders  # noqa: F401  Registers the project's builders.
   if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):

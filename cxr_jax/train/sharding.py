@@ -7,6 +7,7 @@ divides; XLA inserts the gathers. Losses computed on the global batch arrays see
 whole batch across devices and hosts.
 """
 
+import os
 from typing import Any
 
 import jax
@@ -75,7 +76,6 @@ def initialize_distributed() -> None:
   and under SLURM; JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set
   them explicitly (e.g. several GPU machines, or processes on one host in tests).
   """
-  import os  # pylint: disable=g-import-not-at-top
   explicit = 'JAX_COORDINATOR_ADDRESS' in os.environ
   on_cluster = explicit or 'SLURM_JOB_ID' in os.environ or 'TPU_WORKER_HOSTNAMES' in os.environ
   if not on_cluster or jax.distributed.is_initialized():
