@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 
+from cxr_jax import files
 from cxr_jax import npz_files
 
 # Keys that describe the whole set rather than one row each.
@@ -79,20 +80,11 @@ _TEMPORARY = re.compile(r'^(?P<target>.+)\.tmp-(?P<pid>\d+)$')
 
 def write(path: str, arrays: Dict[str, np.ndarray]) -> None:
   """Writes `path` whole or not at all; a failed write (a full disk) leaves nothing."""
-  temporary = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(temporary, 'wb') as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  except OSError as e:
-    raise OSError(e.errno, f'Writing {path} failed: {e.strerror or e}. Nothing of it was '
-                  'left behind; files already written are kept, and re-running the same '
-                  'command continues from them.') from e
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+  # The temporary name (PATH.tmp-PID) is what remove_stale_temporaries looks for.
+  with files.write_atomically(path, 'wb', left='Nothing of it was left behind (the shards '
+                              'already written are kept and the re-run continues from '
+                              'them)') as f:
+    np.savez(f, **arrays)
 
 
 def remove_stale_temporaries(directory: str) -> None:

@@ -41,8 +41,12 @@ def failure(path: str, error: OSError, left: str = 'Nothing of it was left behin
 
 
 @contextlib.contextmanager
-def write_atomically(path: str, mode: str = 'w', **open_kwargs) -> Iterator[IO]:
-  """`with write_atomically(path) as f: ...` writes `path` whole, or raises and leaves none."""
+def write_atomically(path: str, mode: str = 'w', left: str = 'Nothing of it was left behind',
+                     **open_kwargs) -> Iterator[IO]:
+  """`with write_atomically(path) as f: ...` writes `path` whole, or raises and leaves none.
+
+  `left`: what the error says was left behind (see `failure`).
+  """
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   temporary = f'{path}.tmp-{os.getpid()}'
@@ -53,7 +57,7 @@ def write_atomically(path: str, mode: str = 'w', **open_kwargs) -> Iterator[IO]:
       os.fsync(f.fileno())
     os.replace(temporary, path)
   except OSError as e:
-    raise failure(path, e) from e
+    raise failure(path, e, left) from e
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)

@@ -13,8 +13,8 @@ dataset's TFDS name (in `data.name`, say) or an earlier stage's workdir (in
 an earlier stage's workdir (or in data_dir), e.g. '@tokenizer/tokenizer.json' for what a
 `tokenizer` stage wrote. References are replaced before the config's FieldReferences are
 resolved, so a field computed from a referenced one (image-text's tokenize op in data.pp
-follows text.tokenizer) gets the path too. Every stage's trainer and references are
-checked before anything runs. Each stage runs in WORKDIR/NAME with the same trainer it
+follows text.tokenizer) gets the path too. Every stage's trainer, references and config
+check (train.CONFIG_CHECKS) are checked before anything runs. Each stage runs in WORKDIR/NAME with the same trainer it
 would run with on its own, so re-running the chain resumes every stage where it stopped
 and skips those that are done. Compiled programs are cached in WORKDIR/jax_cache unless
 JAX_COMPILATION_CACHE_DIR names another place.
