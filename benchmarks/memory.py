@@ -43,6 +43,10 @@ def step_config(model: str, stage: str, dtype: str, remat: bool, batch: int):
   config.model_name = model
   config.model.dtype = dtype
   config.model.remat = remat
+  if model.startswith('bit'):
+    # The accelerator's program: on CPU 'auto' would compile BiT's convolutions as
+    # im2col matrix products, which store kh*kw copies of their inputs.
+    config.model.conv_impl = 'conv'
   config.batch_size = batch
   if stage == 'supcon':
     config.optimizer.name = 'lars'

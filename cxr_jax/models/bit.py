@@ -23,6 +23,48 @@ GN_EPS = 1e-5
 UNITS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
+# How a convolution is computed (`BiT.conv_impl`). 'conv' is XLA's convolution; 'matmul'
+# is one matrix product over the kernel's shifted, strided views of the input (im2col),
+# whose gradients are matrix products too: XLA:CPU computes convolution gradients several
+# times slower than those (benchmarks/conv_impl.py), while accelerators' convolutions are
+# fast and im2col would store kh*kw copies of each input for the backward pass. 'auto'
+# picks 'matmul' on CPU and 'conv' elsewhere, per platform at lowering time
+# (`jax.lax.platform_dependent`), so one exported program runs each where it is fast.
+CONV_IMPLS = ('auto', 'conv', 'matmul')
+
+
+def _explicit_padding(padding, kernel_size):
+  """((top, bottom), (left, right)); 'SAME'/'VALID' only for 1x1 kernels, where both are 0."""
+  if isinstance(padding, str):
+    if kernel_size != (1, 1):
+      raise ValueError(f'padding {padding!r} with kernel {kernel_size}: give explicit '
+                       f'((top, bottom), (left, right)) padding.')
+    return ((0, 0), (0, 0))
+  return tuple(tuple(p) for p in padding)
+
+
+def conv_as_matmul(x, kernel, strides: int, padding):
+  """The NHWC x HWIO convolution as one matrix product over strided slices (im2col).
+
+  Output sizes are (padded - kernel) // stride + 1, written the same way for every
+  kernel, so a strided 1x1 projection and a padded strided 3x3 path agree on
+  symbolic sizes in shape-polymorphic export.
+  """
+  kh, kw, cin, cout = kernel.shape
+  (top, bottom), (left, right) = _explicit_padding(padding, (kh, kw))
+  if top or bottom or left or right:
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out_h = (x.shape[1] - kh) // strides + 1
+  out_w = (x.shape[2] - kw) // strides + 1
+  taps = [jax.lax.slice(x, (0, i, j, 0),
+                        (x.shape[0], i + strides * (out_h - 1) + 1,
+                         j + strides * (out_w - 1) + 1, cin),
+                        (1, strides, strides, 1))
+          for i in range(kh) for j in range(kw)]
+  patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+  return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
+
+
 class StandardizedConv(nn.Module):
   """Conv whose kernel is standardized over (H, W, in) with biased variance."""
   features: int
@@ -30,26 +72,33 @@ class StandardizedConv(nn.Module):
   strides: int = 1
   padding: Any = 'SAME'
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f'conv_impl={self.conv_impl!r}; expected one of {CONV_IMPLS}.')
     shape = (*self.kernel_size, x.shape[-1], self.features)
     # Standardization removes the kernel's scale, so a plain normal init suffices.
     kernel = self.param('kernel', nn.initializers.normal(1.0), shape, jnp.float32)
     mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
     var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)
-    kernel = (kernel - mean) / jnp.sqrt(var + WS_EPS)
+    kernel = ((kernel - mean) / jnp.sqrt(var + WS_EPS)).astype(self.dtype)
+    x = x.astype(self.dtype)
     if self.kernel_size == (1, 1) and self.strides == 1:
-      # A 1x1 convolution is a matrix product over channels. Written as one, its
-      # gradients are matrix products too: XLA:CPU computes a 1x1 convolution's gradient
-      # several times slower than the same product (benchmarks/conv_impl.py). Strided
-      # ones stay convolutions: a strided slice's symbolic output size would not match
-      # the strided 3x3 path's in shape-polymorphic export.
-      return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.strides, self.strides), padding=self.padding,
+      # A matrix product over channels whatever conv_impl says: as fast as the
+      # convolution on accelerators, and it stores nothing extra.
+      return jnp.dot(x, kernel[0, 0])
+    matmul = functools.partial(conv_as_matmul, strides=self.strides, padding=self.padding)
+    conv = functools.partial(
+        jax.lax.conv_general_dilated, window_strides=(self.strides, self.strides),
+        padding=_explicit_padding(self.padding, self.kernel_size),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.conv_impl == 'matmul':
+      return matmul(x, kernel)
+    if self.conv_impl == 'conv':
+      return conv(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=matmul, default=conv)
 
 
 class GroupNorm(nn.Module):
@@ -82,11 +131,12 @@ class _NamedConv(nn.Module):
   strides: int = 1
   padding: Any = 'SAME'
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     return StandardizedConv(self.features, self.kernel_size, self.strides, self.padding,
-                            self.dtype, name='standardized_conv2d')(x)
+                            self.dtype, self.conv_impl, name='standardized_conv2d')(x)
 
 
 class PreActConv(nn.Module):
@@ -98,6 +148,7 @@ class PreActConv(nn.Module):
   projection_features: int = 0
   projection_strides: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -105,9 +156,9 @@ class PreActConv(nn.Module):
     projection = None
     if self.projection_features:
       projection = _NamedConv(self.projection_features, (1, 1), self.projection_strides,
-                              dtype=self.dtype, name='proj')(x)
+                              dtype=self.dtype, conv_impl=self.conv_impl, name='proj')(x)
     y = StandardizedConv(self.features, self.kernel_size, self.strides, self.padding,
-                         self.dtype, name='standardized_conv2d')(x)
+                         self.dtype, self.conv_impl, name='standardized_conv2d')(x)
     return y, projection
 
 
@@ -116,18 +167,19 @@ class BottleneckUnit(nn.Module):
   mid_features: int
   strides: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     out_features = 4 * self.mid_features
     needs_projection = x.shape[-1] != out_features or self.strides != 1
-    y, projection = PreActConv(
+    conv = functools.partial(PreActConv, dtype=self.dtype, conv_impl=self.conv_impl)
+    y, projection = conv(
         self.mid_features, (1, 1),
         projection_features=out_features if needs_projection else 0,
-        projection_strides=self.strides, dtype=self.dtype, name='a')(x)
-    y, _ = PreActConv(self.mid_features, (3, 3), self.strides, padding=((1, 1), (1, 1)),
-                      dtype=self.dtype, name='b')(y)
-    y, _ = PreActConv(out_features, (1, 1), dtype=self.dtype, name='c')(y)
+        projection_strides=self.strides, name='a')(x)
+    y, _ = conv(self.mid_features, (3, 3), self.strides, padding=((1, 1), (1, 1)), name='b')(y)
+    y, _ = conv(out_features, (1, 1), name='c')(y)
     return y + (projection if needs_projection else x)
 
 
@@ -137,6 +189,7 @@ class Stage(nn.Module):
   strides: int
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -145,7 +198,7 @@ class Stage(nn.Module):
     unit = nn.remat(BottleneckUnit) if self.remat else BottleneckUnit
     for i in range(self.num_units):
       x = unit(self.mid_features, self.strides if i == 0 else 1,
-               dtype=self.dtype, name=f'unit{i + 1:02d}')(x)
+               dtype=self.dtype, conv_impl=self.conv_impl, name=f'unit{i + 1:02d}')(x)
     return x
 
 
@@ -160,6 +213,9 @@ class BiT(nn.Module):
   # Recompute each residual unit's activations in the backward pass instead of storing
   # them: less accelerator memory for one more forward pass per unit.
   remat: bool = False
+  # How convolutions are computed: 'auto' (matrix products on CPU, XLA's convolution
+  # elsewhere), 'conv' or 'matmul'; see CONV_IMPLS. The numbers are the same.
+  conv_impl: str = 'auto'
 
   # Where the classifier lives, and which parameters sit after the body (their
   # width follows the last kept stage, so truncation re-initialises them).
@@ -180,13 +236,14 @@ class BiT(nn.Module):
                        f'remove between 0 and {len(self.units) - 1}.')
     features = {}
     x = _NamedConv(int(64 * self.width), (7, 7), 2, padding=((3, 3), (3, 3)),
-                   dtype=self.dtype, name='root_block')(images)
+                   dtype=self.dtype, conv_impl=self.conv_impl, name='root_block')(images)
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
     features['root'] = x
     for i, num_units in enumerate(self.units[:len(self.units) - self.truncate]):
       x = Stage(num_units, int(64 * self.width) * 2**i, 1 if i == 0 else 2,
-                dtype=self.dtype, remat=self.remat, name=f'block{i + 1}')(x)
+                dtype=self.dtype, remat=self.remat, conv_impl=self.conv_impl,
+                name=f'block{i + 1}')(x)
       features[f'block{i + 1}'] = x
     x = nn.relu(GroupNorm(dtype=self.dtype, name='group_norm')(x))
     embedding = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
