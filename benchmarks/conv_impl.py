@@ -1,11 +1,13 @@
-"""A 1x1 convolution as XLA's convolution or as a matrix product, forward and with gradients.
+"""BiT's convolutions as XLA's convolution or as matrix products, forward and with gradients.
 
   python benchmarks/conv_impl.py
 
-BiT's bottleneck units are mostly 1x1 convolutions; `bit.StandardizedConv` computes
-the unstrided ones as `jnp.dot` over channels. This times both
-forms on the shapes of bit-tiny at 28 px and of BiT-R50x1 at 224 px, in alternating
-rounds in one process (median of the rounds), and checks they agree.
+`bit.StandardizedConv` computes unstrided 1x1 convolutions as `jnp.dot` over channels
+everywhere and, with `conv_impl='auto'` on CPU, every other one as one matrix product
+over the kernel's strided views (`bit.conv_as_matmul`, im2col). This times XLA's
+convolution against that form on the shapes of bit-tiny at 28 px (two SupCon views of
+64) and of BiT-R50x1 at 224 px, in alternating rounds in one process (median of the
+rounds), and checks they agree.
 """
 
 import argparse
@@ -15,22 +17,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SHAPES = (  # (batch, side, in, out, stride)
-    (64, 7, 32, 128, 1),  # bit-tiny at 28 px, block1.
-    (64, 28, 32, 128, 1),  # bit-tiny at 112 px, block1.
-    (8, 56, 64, 256, 1),  # BiT-R50x1 at 224 px, block1.
-    (8, 56, 256, 512, 2),  # BiT-R50x1 at 224 px, block2's strided projection (kept a conv).
-    (8, 14, 1024, 256, 1),  # BiT-R50x1 at 224 px, block3.
+from cxr_jax.models import bit
+
+SHAPES = (  # (batch, side, in, out, kernel, stride); padding kernel // 2 on each side.
+    (128, 28, 3, 32, 7, 2),  # bit-tiny at 28 px: root.
+    (128, 7, 32, 32, 3, 1),  # bit-tiny at 28 px: block1's 3x3.
+    (128, 2, 256, 256, 3, 2),  # bit-tiny at 28 px: block4's strided 3x3 (2x2 -> 1x1).
+    (128, 7, 32, 128, 1, 1),  # bit-tiny at 28 px: block1's 1x1.
+    (8, 224, 3, 64, 7, 2),  # BiT-R50x1 at 224 px: root.
+    (8, 56, 64, 64, 3, 1),  # BiT-R50x1 at 224 px: block1's 3x3.
+    (8, 56, 128, 128, 3, 2),  # BiT-R50x1 at 224 px: block2's strided 3x3.
+    (8, 56, 256, 512, 1, 2),  # BiT-R50x1 at 224 px: block2's strided projection.
+    (8, 56, 64, 256, 1, 1),  # BiT-R50x1 at 224 px: block1's 1x1.
 )
 
 
 def as_conv(x, w, stride):
-  return jax.lax.conv_general_dilated(x, w, (stride, stride), 'SAME',
+  pad = w.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def as_dot(x, w, stride):
-  return jnp.dot(x[:, ::stride, ::stride, :], w[0, 0])
+def as_matmul(x, w, stride):
+  pad = w.shape[0] // 2
+  if w.shape[:2] == (1, 1) and stride == 1:
+    return jnp.dot(x, w[0, 0])
+  return bit.conv_as_matmul(x, w, stride, ((pad, pad), (pad, pad)))
 
 
 def timed(fn, *args, repeats):
@@ -46,28 +58,30 @@ def main():
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--repeats', type=int, default=3)
   args = p.parse_args()
-  print('| shape (B, side, in, out, stride) | forward conv / dot ms | ratio | '
-        'forward+backward conv / dot ms | ratio | max abs difference |')
+  print('| shape (B, side, in, out, kernel, stride) | forward conv / matmul ms | ratio | '
+        'forward+backward conv / matmul ms | ratio | max abs difference |')
   print('|---|---|---|---|---|---|')
-  for batch, side, cin, cout, stride in SHAPES:
+  for batch, side, cin, cout, kernel, stride in SHAPES:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, side, side, cin), np.float32))
-    w = jnp.asarray(rng.standard_normal((1, 1, cin, cout), np.float32) / np.sqrt(cin))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout), np.float32)
+                    / np.sqrt(kernel * kernel * cin))
     fns = {}
-    for name, impl in (('conv', as_conv), ('dot', as_dot)):
+    for name, impl in (('conv', as_conv), ('matmul', as_matmul)):
       fns[name] = (jax.jit(lambda x, w, impl=impl: impl(x, w, stride)),
                    jax.jit(jax.grad(lambda x, w, impl=impl: jnp.sum(impl(x, w, stride) ** 2),
                                     argnums=(0, 1))))
-    difference = float(jnp.max(jnp.abs(fns['conv'][0](x, w) - fns['dot'][0](x, w))))
+    difference = float(jnp.max(jnp.abs(fns['conv'][0](x, w) - fns['matmul'][0](x, w))))
     times = {(name, k): [] for name in fns for k in (0, 1)}
     for _ in range(args.rounds):
       for name in fns:
         for k in (0, 1):
           times[(name, k)].append(timed(fns[name][k], x, w, repeats=args.repeats))
     med = {key: 1e3 * float(np.median(value)) for key, value in times.items()}
-    print(f'| {(batch, side, cin, cout, stride)} | {med[("conv", 0)]:.1f} / {med[("dot", 0)]:.1f} '
-          f'| {med[("conv", 0)] / med[("dot", 0)]:.1f}x | {med[("conv", 1)]:.1f} / '
-          f'{med[("dot", 1)]:.1f} | {med[("conv", 1)] / med[("dot", 1)]:.1f}x | '
+    print(f'| {(batch, side, cin, cout, kernel, stride)} | {med[("conv", 0)]:.1f} / '
+          f'{med[("matmul", 0)]:.1f} | {med[("conv", 0)] / med[("matmul", 0)]:.1f}x | '
+          f'{med[("conv", 1)]:.1f} / {med[("matmul", 1)]:.1f} | '
+          f'{med[("conv", 1)] / med[("matmul", 1)]:.1f}x | '
           f'{difference:.1e} |', flush=True)
 
 
