@@ -61,11 +61,13 @@ class MLPHead(nn.Module):
 class ProjectionHead(nn.Module):
   """MLP to a small L2-normalised vector that contrastive losses compare (SupCon: 128-d).
 
-  Batch norm after each layer, as in SimCLR v2. It removes the component that every
-  image's projection shares: with plain biased layers, early training can grow that
-  component until all projections point one way (every cosine near 1, the loss at its
-  uniform value) and the gradients that would separate images vanish; we saw exactly
-  that on small CXR runs.
+  Batch norm after each layer, as in SimCLR v2, removes the component that every image's
+  projection shares. Unlike SimCLR v2's last layer (center=False) the output norm keeps
+  a learned bias, which can re-grow that shared component: SupCon with positives the
+  embedding cannot yet separate collapsed through it on small CXR runs (every cosine
+  near 0.9). Without it the cosines stayed near 0 but the probes gained nothing
+  (BENCHMARKS.md, "Why SupCon's cosines rise together"), so it stays until a recipe
+  shows which is better.
   """
   hidden: int = 2048
   features: int = 128
