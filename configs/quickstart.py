@@ -17,7 +17,7 @@
 The datasets are generated into WORKDIR/tensorflow_datasets first. Each stage runs in
 WORKDIR/<stage> with its own recipe (configs/supervised_natural.py, supcon_cxr.py,
 transfer_study.py) and resumes if the command is run again. Images are 32 px so that
-the whole job runs in about 23 minutes on an idle 2-core CPU (meant to fit in 15; issue
+the whole job runs in about 16 minutes on an idle 2-core CPU (meant to fit in 15; issue
 13); at that size a subtle finding covers a fraction of a pixel, so the CXR sites draw
 findings of severity 0.8 to 1 only (`severity_range`; the full range is 0 to 1).
 
