@@ -214,7 +214,7 @@ class BiT(nn.Module):
   # them: less accelerator memory for one more forward pass per unit.
   remat: bool = False
   # How convolutions are computed: 'auto' (matrix products on CPU, XLA's convolution
-  # elsewhere), 'conv' or 'matmul'; see CONV_IMPLS. The numbers are the same.
+  # elsewhere), 'conv' or 'matmul'; see CONV_IMPLS. The same function, to float rounding.
   conv_impl: str = 'auto'
 
   # Where the classifier lives, and which parameters sit after the body (their
