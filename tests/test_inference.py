@@ -163,9 +163,9 @@ def _with_pp_eval(model, pp_eval, **data):
 
 
 def test_a_large_film_is_seen_at_the_training_resolution_and_field_of_view(runs):
-  """A pp_eval that crops without resizing first (the quickstart's) resizes inputs to the
-  training images' size (32 px here) first: a 2000 px film is not seen through its
-  central 28 px, and images of the stored size are preprocessed exactly as before."""
+  """A pp_eval that crops without resizing first resizes inputs to the training images'
+  size (32 px here) first: a 2000 px film is not seen through its central 28 px, and
+  images of the stored size are preprocessed exactly as before."""
   model = _with_pp_eval(shared_model(runs['classifier']), CROP_ONLY_PP_EVAL)
   assert model.input_pp == ('decode|resize((32, 32))|window|central_crop(28)|'
                             'value_range(-1, 1, 0, 1)|rgb')

@@ -1,23 +1,16 @@
-"""The quickstart at CI size: datasets generated, stages chained, the report written with
-the pixel baseline beside the networks, and the probes reading the finding.
+"""The quickstart at CI size shows what issue 13 asks of it: CXR pretraining worth >= 10x
+fewer labels, against the generic network and a linear model on the raw pixels.
 
-CI size: the quickstart's datasets, generic stage and SupCon recipe, with SupCon at
-batch 32 instead of 64 (half its time; the whole suite has to fit in 25 minutes on 2
-cores). Mean linear-probe AUROC over the quickstart's 3 draws, CXR vs generic, measured
-on the dev machine at this size: 0.544 vs 0.531 at 10 labels, 0.566 vs 0.498 at 45 and
-0.613 vs 0.559 at 100 (2026-11-22); 0.615 vs 0.571, 0.597 vs 0.577 and 0.652 vs 0.624
-(2026-12-03, mined labels); 0.577 vs 0.587, 0.589 vs 0.552 and 0.605 vs 0.619 once BiT's
-convolutions ran as im2col products on CPU (2026-12-03, the same arithmetic to 1e-6).
-So "CXR beats generic" flips with float rounding at this size; this test asserted it at
-45 and 100 labels until the last change, and no longer does: SupCon at this scale
-barely moves the embedding (issue 13, BENCHMARKS.md). What holds with room to spare is
-asserted instead: the pixels read the finding (0.753 at 100 labels in every run, so the
-data and labels line up) and so does the CXR embedding (0.605-0.652 at 100, asserted
-above 0.55; an embedding that lost the image would sit near 0.5).
-The study keeps the linear probes; fine-tuning, MLP probes and the export are covered by
-tests/studies/test_transfer_study.py.
+CI size: the quickstart's datasets, generic and CXR stages unchanged; the study keeps its
+linear probes at every budget (their draws are the main job's: same data, seeds and
+training) and drops the MLP probes, fine-tuning and the export, which
+tests/studies/test_transfer_study.py covers. The margins beside each assertion were
+measured on the dev machine (2026-12-04), where this run's linear probes gave the main
+job's numbers exactly: CXR 0.680 / 0.756 / 0.815 / 0.840 at 10 / 45 / 100 / 500 labels,
+generic 0.500 / 0.539 / 0.625 / 0.692, pixels 0.467 / 0.587 / 0.644 / 0.702.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -28,8 +21,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OVERRIDES = {
-    'stages.cxr.batch_size': 32,
-    'stages.study.budgets': '(10, 45, 100)', 'stages.study.probes': "('linear',)",
+    'stages.study.probes': "('linear',)",
     'stages.study.finetune.networks': '()', 'stages.study.finetune.budgets': '()',
     'stages.study.export.network': '',
 }
@@ -45,24 +37,47 @@ def run_quickstart(workdir):
     assert code == 0, f.read()[-4000:]
 
 
+def linear_probe_summary(study):
+  """{(network, budget): (mean, min, max)} of the in-site linear probes' test AUROC."""
+  with open(study / 'summary.csv') as f:
+    return {(row['network'], int(row['budget'])): (float(row['auroc_mean']),
+                                                   float(row['auroc_min']),
+                                                   float(row['auroc_max']))
+            for row in csv.DictReader(f)
+            if row['method'] == 'linear_probe' and row['test_set'] == 'in_site'}
+
+
 @pytest.mark.slow
-def test_quickstart_chain_reports_probes_that_read_the_finding(tmp_path):
+def test_quickstart_cxr_probe_beats_generic_and_pixels_with_10x_fewer_labels(tmp_path):
   workdir = tmp_path / 'quickstart'
   run_quickstart(workdir)
   study = workdir / 'study'
   report = (study / 'report.md').read_text()
-  assert '| method | network | 10 | 45 | 100 |' in report
+  assert '| method | network | 10 | 45 | 100 | 500 |' in report
   for figure in ('data_efficiency.png', 'tsne_generic.png', 'tsne_cxr.png'):
     assert os.path.getsize(study / figure) > 1000, figure
-  rows = (study / 'results.csv').read_text().splitlines()
-  # 2 networks and the raw pixels x 3 budgets x 3 draws of linear probes.
-  assert len(rows) == 1 + 3 * 3 * 3
+  summary = linear_probe_summary(study)
+  print(report)
 
+  for budget in (10, 45, 100, 500):
+    cxr = summary['cxr', budget][0]
+    for other in ('generic', 'pixels'):
+      # The mean beats each baseline's by >= 0.02 at every budget. Measured: by 0.148
+      # to 0.217 over generic, 0.138 to 0.213 over the pixels (smallest at 500).
+      assert cxr >= summary[other, budget][0] + 0.02, (budget, other, report)
+  for budget in (45, 100):
+    worst_cxr = summary['cxr', budget][1]
+    for other in ('generic', 'pixels'):
+      # The CXR probe's worst draw beats the baseline's best. Measured: 0.669 vs 0.567
+      # (generic) and 0.653 (pixels) at 45; 0.754 vs 0.658 and 0.691 at 100.
+      assert worst_cxr > summary[other, budget][2], (budget, other, report)
+
+  # Label efficiency >= 10x: 45 labels on the CXR embedding reach what 500 reach on the
+  # generic embedding and on the pixels. Measured: 0.756 vs 0.692 and 0.702.
   claims = json.loads((study / 'claims.json').read_text())
-  assert claims['pretraining_beats_scratch'] == {}  # Not run at this size.
-  values = claims['cxr_beats_generic_linear_probe']
-  assert set(values) == {'10', '45', '100'}
-  print('CXR vs generic linear probe, mean AUROC by budget:', values)
-  cxr, pixels = claims['cxr_beats_pixels_linear_probe']['100']
-  assert pixels > 0.70, (pixels, report)  # Measured 0.753.
-  assert cxr > 0.55, (cxr, report)  # Measured 0.605-0.652.
+  for other in ('generic', 'pixels'):
+    assert summary['cxr', 45][0] >= summary[other, 500][0], (other, report)
+    assert claims['label_efficiency'][other]['factor'] >= 10, (other, claims)
+  # The CXR embedding places positives near positives; the generic one barely does.
+  # Measured: kNN AUROC 0.779 vs 0.537.
+  assert claims['knn_auroc']['cxr'] > claims['knn_auroc']['generic'] + 0.1, claims
