@@ -23,7 +23,7 @@ def _quiet_tensorflow(monkeypatch):
 
 
 # Under pytest-xdist (`-n 2`, CI's two cores) the slowest modules go first, longest
-# first: one worker starts the quickstart's test (about 15 minutes) at once while the
+# first: one worker starts the quickstart's test (about 16 minutes) at once while the
 # other works through the rest from the slowest down, and the quick tests left at the end
 # keep both workers busy, instead of a long test starting last and running alone.
 # pyproject.toml's --maxschedchunk=1 has xdist hand out tests one at a time in this
