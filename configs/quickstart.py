@@ -93,10 +93,10 @@ def get_config():
   study.networks = ml_collections.ConfigDict({'cxr': '@cxr', 'generic': '@generic'})
   study.data.name, study.data.data_dir = '@site_b', '@data_dir'
   study.data.finding = FINDING
-  # Every network is embedded as the CXR stage saw its images (upsampled, 56-px crop).
+  # Every network is embedded, and fine-tuned, as the CXR stage saw its images
+  # (upsampled, 56-px crop).
   study.pp_eval = cxr.data.pp_eval
-  study.finetune.pp = ('decode|resize(64)|window|random_crop(56)|flip_lr'
-                       '|value_range(-1, 1, 0, 1)|rgb')
+  study.finetune.pp = _recipe('finetune_cxr.py').data.pp
   study.finetune.networks = ('cxr', 'scratch')
   # 6 fine-tuning runs instead of 12: they are most of the study's time.
   study.finetune.budgets = (45, 500)
