@@ -28,8 +28,9 @@ UNITS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36,
 # whose gradients are matrix products too: XLA:CPU computes convolution gradients several
 # times slower than those (benchmarks/conv_impl.py), while accelerators' convolutions are
 # fast and im2col would store kh*kw copies of each input for the backward pass. 'auto'
-# picks 'matmul' on CPU and 'conv' elsewhere, per platform at lowering time
-# (`jax.lax.platform_dependent`), so one exported program runs each where it is fast.
+# picks per platform at lowering time (`jax.lax.platform_dependent`), so one exported
+# program runs each where it is fast: on CPU `cpu_conv` (XLA's convolution forward when
+# no gradient is taken, the matrix products when one is), elsewhere 'conv'.
 CONV_IMPLS = ('auto', 'conv', 'matmul')
 
 
@@ -41,6 +42,32 @@ def _explicit_padding(padding, kernel_size):
                        f'((top, bottom), (left, right)) padding.')
     return ((0, 0), (0, 0))
   return tuple(tuple(p) for p in padding)
+
+
+@jax.custom_vjp
+def channel_matmul(x, w):
+  """x [..., K] @ w [K, N]: `jnp.dot`, with its gradients written as 2-D matrix products.
+
+  Autodiff's kernel gradient contracts the cotangent with x over all leading axes at
+  once; XLA:CPU then transposed the cotangent inside the fusion that sums the residual
+  stream's gradients, which cost more than the matrix products themselves on BiT-R50
+  (BENCHMARKS.md, "cxr_jax against PyTorch"). As [M, K]^T @ [M, N] the transpose falls on
+  the stored activation instead.
+  """
+  return jnp.dot(x, w)
+
+
+def _channel_matmul_fwd(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _channel_matmul_bwd(residuals, g):
+  x, w = residuals
+  w_grad = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+  return jnp.dot(g, w.T), w_grad
+
+
+channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
 
 
 def conv_as_matmul(x, kernel, strides: int, padding):
@@ -62,7 +89,47 @@ def conv_as_matmul(x, kernel, strides: int, padding):
                         (1, strides, strides, 1))
           for i in range(kh) for j in range(kw)]
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
+  return channel_matmul(patches, kernel.reshape(kh * kw * cin, cout))
+
+
+def _xla_conv(x, kernel, strides: int, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), _explicit_padding(padding, kernel.shape[:2]),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# Below this many rows or columns of input, XLA:CPU's convolution is slower than the
+# product even forward (13x at BiT-tiny's last stride, 2x2 -> 1x1; benchmarks/conv_impl.py).
+_SMALL_MAP = 7
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def cpu_conv(x, kernel, strides: int, padding):
+  """The convolution as XLA:CPU computes it fastest: forward alone or with gradients.
+
+  Without gradients (inference, embedding, export) a kh x kw kernel is XLA's
+  convolution, which skips building im2col's patches (2-3x faster forward at BiT-R50's
+  56 px maps); under `jax.grad` the forward and both gradients are `conv_as_matmul`'s
+  matrix products, as XLA:CPU's convolution gradients are slow. Maps known to be small
+  keep the product forward too.
+  """
+  small = any(isinstance(d, int) and d < _SMALL_MAP for d in x.shape[1:3])
+  if kernel.shape[:2] == (1, 1) or small:
+    return conv_as_matmul(x, kernel, strides, padding)
+  return _xla_conv(x, kernel, strides, padding)
+
+
+def _cpu_conv_fwd(x, kernel, strides, padding):
+  return jax.vjp(functools.partial(conv_as_matmul, strides=strides, padding=padding),
+                 x, kernel)
+
+
+def _cpu_conv_bwd(strides, padding, vjp, g):
+  del strides, padding
+  return vjp(g)
+
+
+cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
 
 
 class StandardizedConv(nn.Module):
@@ -88,21 +155,23 @@ class StandardizedConv(nn.Module):
     if self.kernel_size == (1, 1) and self.strides == 1:
       # A matrix product over channels whatever conv_impl says: as fast as the
       # convolution on accelerators, and it stores nothing extra.
-      return jnp.dot(x, kernel[0, 0])
-    matmul = functools.partial(conv_as_matmul, strides=self.strides, padding=self.padding)
-    conv = functools.partial(
-        jax.lax.conv_general_dilated, window_strides=(self.strides, self.strides),
-        padding=_explicit_padding(self.padding, self.kernel_size),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    if self.conv_impl == 'matmul':
-      return matmul(x, kernel)
-    if self.conv_impl == 'conv':
-      return conv(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cpu=matmul, default=conv)
+      return channel_matmul(x, kernel[0, 0])
+    padding = _explicit_padding(self.padding, self.kernel_size)
+    impls = {'matmul': conv_as_matmul, 'conv': _xla_conv}
+    if self.conv_impl in impls:
+      return impls[self.conv_impl](x, kernel, self.strides, padding)
+    cpu = functools.partial(cpu_conv, strides=self.strides, padding=padding)
+    conv = functools.partial(_xla_conv, strides=self.strides, padding=padding)
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu, default=conv)
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm with BiT's parameter names (gamma/beta) and two-pass float32 statistics."""
+  """GroupNorm with BiT's parameter names (gamma/beta) and two-pass float32 statistics.
+
+  Statistics are reduced over space per channel first and then averaged within each
+  group on the small [B, C] arrays, so the activation keeps its NHWC layout: grouping
+  it as [..., groups, C/groups] made XLA:CPU transpose every activation twice.
+  """
   num_groups: int = GN_GROUPS
   epsilon: float = GN_EPS
   dtype: Any = jnp.float32
@@ -115,13 +184,19 @@ class GroupNorm(nn.Module):
                        f'into {self.num_groups} groups.')
     gamma = self.param('gamma', nn.initializers.ones, (channels,), jnp.float32)
     beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32)
-    grouped = x.astype(jnp.float32).reshape(
-        *x.shape[:-1], self.num_groups, channels // self.num_groups)
-    reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-    mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
-    var = jnp.mean(jnp.square(grouped - mean), axis=reduce_axes, keepdims=True)
-    normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-    return (normed * gamma + beta).astype(self.dtype)
+    x = x.astype(jnp.float32)
+    spatial = tuple(range(1, x.ndim - 1))
+    per_group = channels // self.num_groups
+
+    def group_mean(per_channel):
+      """[B, C] per-channel spatial means -> their group's mean, as [B, 1.., C]."""
+      groups = per_channel.reshape(-1, self.num_groups, per_group).mean(-1, keepdims=True)
+      groups = jnp.broadcast_to(groups, (*groups.shape[:-1], per_group))
+      return groups.reshape(x.shape[0], *(1 for _ in spatial), channels)
+
+    centred = x - group_mean(jnp.mean(x, axis=spatial))
+    var = group_mean(jnp.mean(jnp.square(centred), axis=spatial))
+    return (centred * (jax.lax.rsqrt(var + self.epsilon) * gamma) + beta).astype(self.dtype)
 
 
 class _NamedConv(nn.Module):

@@ -326,6 +326,38 @@ def test_conv_impls_match_a_float64_reference_in_loss_and_gradients(tiny_npz):
   assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads['block1']))
 
 
+def test_channel_matmul_gradients_are_the_products_autodiff_gives():
+  """Its hand-written backward pass computes what `jax.grad` of `jnp.dot` does."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  mine = jax.grad(loss(bit.channel_matmul), (0, 1))(x, w)
+  reference = jax.grad(loss(jnp.dot), (0, 1))(x, w)
+  for a, b in zip(mine, reference):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('side, forward_is_conv', [(12, True), (4, False)])
+def test_cpu_conv_is_xla_convolution_forward_and_products_under_grad(side, forward_is_conv):
+  """Inference skips im2col (except on small maps); gradients never use XLA:CPU's conv."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((2, side, side, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+  padding = ((1, 1), (1, 1))
+  conv = lambda x, w: bit.cpu_conv(x, w, 2, padding)
+  products = lambda x, w: bit.conv_as_matmul(x, w, 2, padding)
+  forward_hlo = jax.jit(conv).lower(x, w).as_text()
+  assert ('convolution' in forward_hlo) == forward_is_conv
+  np.testing.assert_allclose(conv(x, w), products(x, w), rtol=0, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  grad_hlo = jax.jit(jax.grad(loss(conv), (0, 1))).lower(x, w).as_text()
+  assert 'convolution' not in grad_hlo
+  for a, b in zip(jax.grad(loss(conv), (0, 1))(x, w), jax.grad(loss(products), (0, 1))(x, w)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_conv_as_matmul_exports_with_symbolic_height_and_width():
   """Strided 1x1 projections and padded strided 3x3 paths agree on symbolic sizes."""
   model = models.get_model('bit-tiny', conv_impl='matmul')
