@@ -207,8 +207,10 @@ def test_two_processes_train_like_one_and_resume_exactly(
     one = read_metrics(tmp_path / stage)
     lines = read_metrics(workdir)  # Process 0 wrote them.
     for key in ('loss', 'grad_norm'):
+      # Two processes sum the gradients in another order than one: SupCon's grad norms
+      # (about 15) have differed by 7e-7 of their size, six float32 roundings.
       np.testing.assert_allclose([m[key] for m in lines[:total]], [m[key] for m in one],
-                                 rtol=0, atol=1e-5, err_msg=f'{stage} {key}')
+                                 rtol=2e-6, atol=1e-5, err_msg=f'{stage} {key}')
     params = saved_params(workdir, 'straight')
     assert params.keys() == expected.keys()
     for key in expected:
