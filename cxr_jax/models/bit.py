@@ -103,30 +103,46 @@ def _xla_conv(x, kernel, strides: int, padding):
 _SMALL_MAP = 7
 
 
+def _known_small(shape) -> bool:
+  """Whether an NHWC map has fewer than _SMALL_MAP rows or columns (symbolic sizes: no)."""
+  return any(isinstance(d, int) and d < _SMALL_MAP for d in shape[1:3])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def cpu_conv(x, kernel, strides: int, padding):
   """The convolution as XLA:CPU computes it fastest: forward alone or with gradients.
 
   Without gradients (inference, embedding, export) a kh x kw kernel is XLA's
   convolution, which skips building im2col's patches (1.4-3x faster forward at
-  BiT-R50's 56-px maps on the two CPUs measured); under `jax.grad` the forward and both gradients are `conv_as_matmul`'s
-  matrix products, as XLA:CPU's convolution gradients are slow. Maps known to be small
-  keep the product forward too.
+  BiT-R50's 56-px maps on the two CPUs measured). Under `jax.grad` the forward and the
+  kernel gradient are `conv_as_matmul`'s matrix products, as XLA:CPU's kernel gradients
+  are slow; an unstrided convolution's input gradient is XLA's convolution. Maps known
+  to be small keep the products throughout.
   """
-  small = any(isinstance(d, int) and d < _SMALL_MAP for d in x.shape[1:3])
+  small = _known_small(x.shape)
   if kernel.shape[:2] == (1, 1) or small:
     return conv_as_matmul(x, kernel, strides, padding)
   return _xla_conv(x, kernel, strides, padding)
 
 
 def _cpu_conv_fwd(x, kernel, strides, padding):
-  return jax.vjp(functools.partial(conv_as_matmul, strides=strides, padding=padding),
-                 x, kernel)
+  out, vjp = jax.vjp(functools.partial(conv_as_matmul, strides=strides, padding=padding),
+                     x, kernel)
+  return out, (vjp, kernel)
 
 
-def _cpu_conv_bwd(strides, padding, vjp, g):
-  del strides, padding
-  return vjp(g)
+def _cpu_conv_bwd(strides, padding, residuals, g):
+  vjp, kernel = residuals
+  x_grad, kernel_grad = vjp(g)
+  kh, kw = kernel.shape[:2]
+  if strides == 1 and (kh, kw) != (1, 1) and not _known_small(g.shape):
+    # An unstrided convolution's input gradient is itself one, with the kernel flipped
+    # and its channels swapped: faster as XLA's convolution forward than as the product
+    # and its col2im scatter (1.07x on BiT-R50's training step; BENCHMARKS.md).
+    (top, bottom), (left, right) = padding
+    x_grad = _xla_conv(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), 1,
+                       ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)))
+  return x_grad, kernel_grad
 
 
 cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)

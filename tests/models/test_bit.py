@@ -339,23 +339,27 @@ def test_channel_matmul_gradients_are_the_products_autodiff_gives():
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize('side, forward_is_conv', [(12, True), (4, False)])
-def test_cpu_conv_is_xla_convolution_forward_and_products_under_grad(side, forward_is_conv):
-  """Inference skips im2col (except on small maps); gradients never use XLA:CPU's conv."""
+@pytest.mark.parametrize('side, strides, forward_is_conv, input_grad_is_conv',
+                         [(12, 2, True, False), (12, 1, True, True), (4, 1, False, False)])
+def test_cpu_conv_uses_xla_convolution_only_where_it_is_fast(
+    side, strides, forward_is_conv, input_grad_is_conv):
+  """Forward alone: XLA's convolution (not on small maps). Under grad: the kernel gradient
+  is always the products', the input gradient XLA's convolution only when unstrided."""
   rng = np.random.default_rng(8)
   x = jnp.asarray(rng.standard_normal((2, side, side, 4)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
   padding = ((1, 1), (1, 1))
-  conv = lambda x, w: bit.cpu_conv(x, w, 2, padding)
-  products = lambda x, w: bit.conv_as_matmul(x, w, 2, padding)
-  forward_hlo = jax.jit(conv).lower(x, w).as_text()
-  assert ('convolution' in forward_hlo) == forward_is_conv
+  conv = lambda x, w: bit.cpu_conv(x, w, strides, padding)
+  products = lambda x, w: bit.conv_as_matmul(x, w, strides, padding)
+  assert ('convolution' in jax.jit(conv).lower(x, w).as_text()) == forward_is_conv
   np.testing.assert_allclose(conv(x, w), products(x, w), rtol=0, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
-  grad_hlo = jax.jit(jax.grad(loss(conv), (0, 1))).lower(x, w).as_text()
-  assert 'convolution' not in grad_hlo
+  x_grad_hlo = jax.jit(jax.grad(loss(conv), 0)).lower(x, w).as_text()
+  w_grad_hlo = jax.jit(jax.grad(loss(conv), 1)).lower(x, w).as_text()
+  assert ('convolution' in x_grad_hlo) == input_grad_is_conv
+  assert 'convolution' not in w_grad_hlo
   for a, b in zip(jax.grad(loss(conv), (0, 1))(x, w), jax.grad(loss(products), (0, 1))(x, w)):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_conv_as_matmul_exports_with_symbolic_height_and_width():
