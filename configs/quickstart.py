@@ -28,7 +28,7 @@ px and upsampled to 64 for the CXR network (so BiT's stride-4 root keeps 14x14
 positions); findings have severity 0.8 to 1 only (`severity_range`; the full range is
 0 to 1), and positioning, size and exposure vary twice as widely as the generator's
 default (`variability`), so that raw pixels stop being a strong classifier. The whole
-job took 10 min 45 s on an idle 2-core CPU (2026-12-04; README).
+job took 11 min 9 s on an idle 2-core CPU (2026-12-04; README).
 
   python -m cxr_jax.main --config configs/quickstart.py --workdir runs/quickstart
 
