@@ -2,10 +2,11 @@
 
   python benchmarks/conv_impl.py
 
-`bit.StandardizedConv` computes unstrided 1x1 convolutions as `jnp.dot` over channels
-everywhere and, with `conv_impl='auto'` on CPU, every other one as one matrix product
-over the kernel's strided views (`bit.conv_as_matmul`, im2col). This times XLA's
-convolution against that form on the shapes of bit-tiny at 28 px (two SupCon views of
+`bit.StandardizedConv` computes unstrided 1x1 convolutions as a matrix product over
+channels everywhere; with `conv_impl='auto'` on CPU (`bit.cpu_conv`) every other one is
+XLA's convolution forward and, under gradients, one matrix product over the kernel's
+strided views (`bit.conv_as_matmul`, im2col). This times XLA's convolution against that
+product on the shapes of bit-tiny at 28 px (two SupCon views of
 64) and of BiT-R50x1 at 224 px, in alternating rounds in one process (median of the
 rounds), and checks they agree.
 """
