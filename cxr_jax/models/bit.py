@@ -29,8 +29,8 @@ UNITS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36,
 # times slower than those (benchmarks/conv_impl.py), while accelerators' convolutions are
 # fast and im2col would store kh*kw copies of each input for the backward pass. 'auto'
 # picks per platform at lowering time (`jax.lax.platform_dependent`), so one exported
-# program runs each where it is fast: on CPU `cpu_conv` (XLA's convolution forward when
-# no gradient is taken, the matrix products when one is), elsewhere 'conv'.
+# program runs each where it is fast: on CPU `cpu_conv` (XLA's convolution where XLA:CPU
+# is fast at it, the matrix products elsewhere), on other platforms 'conv'.
 CONV_IMPLS = ('auto', 'conv', 'matmul')
 
 
@@ -119,8 +119,7 @@ def cpu_conv(x, kernel, strides: int, padding):
   are slow; an unstrided convolution's input gradient is XLA's convolution. Maps known
   to be small keep the products throughout.
   """
-  small = _known_small(x.shape)
-  if kernel.shape[:2] == (1, 1) or small:
+  if kernel.shape[:2] == (1, 1) or _known_small(x.shape):
     return conv_as_matmul(x, kernel, strides, padding)
   return _xla_conv(x, kernel, strides, padding)
 
@@ -132,6 +131,8 @@ def _cpu_conv_fwd(x, kernel, strides, padding):
 
 
 def _cpu_conv_bwd(strides, padding, residuals, g):
+  # Where XLA's convolution replaces the products' input gradient below, jit drops the
+  # unused product.
   vjp, kernel = residuals
   x_grad, kernel_grad = vjp(g)
   kh, kw = kernel.shape[:2]
